@@ -1,0 +1,331 @@
+"""Datasets held in memory as uint8 tensors, and the batched on-device preprocessing that feeds them.
+
+Images are decoded once into an (N, 3, H, W) uint8 tensor. Resizing to the model's resolution,
+normalisation and augmentation happen per batch on the training device, never per image in Python.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import cache_dir, default_data_dir
+from .errors import UserError, did_you_mean
+
+DATASETS = ("cifar10", "cifar100", "folder:PATH")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+    @property
+    def classes(self) -> list[str]:
+        return self.test.classes
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+def _cifar_class(name: str):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cifar_files(cls) -> list[tuple[str, str]]:
+    return [(n, m) for n, m in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
+
+
+def ensure_cifar(name: str, root: Path) -> None:
+    """Make sure the official python-pickle release is in root, verified by its published md5s.
+
+    Uses torchvision's own constants (URL, archive name, md5s) and downloader.
+    """
+    cls = _cifar_class(name)
+    folder = root / cls.base_folder
+    files = _cifar_files(cls)
+    present = [(n, m) for n, m in files if (folder / n).is_file()]
+    for fname, md5 in present:
+        actual = _md5(folder / fname)
+        if actual != md5:
+            raise UserError(
+                f"{folder / fname} is corrupt (md5 {actual}, expected {md5}): delete it and run again to "
+                f"re-download, or replace it with the file from {cls.url}"
+            )
+    if len(present) == len(files):
+        return
+    archive = root / cls.filename
+    from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+
+    if archive.is_file():
+        actual = _md5(archive)
+        if actual != cls.tgz_md5:
+            raise UserError(f"{archive} is corrupt (md5 {actual}, expected {cls.tgz_md5}): delete it and download it again from {cls.url}")
+        extract_archive(str(archive), str(root))
+    else:
+        try:
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as err:  # offline: URLError, socket errors, ...
+            missing = [n for n, _ in files if not (folder / n).is_file()]
+            raise UserError(
+                f"{name} is not in {folder} (missing: {', '.join(missing)}) and could not be downloaded "
+                f"({type(err).__name__}: {err}). Offline, download {cls.url} (md5 {cls.tgz_md5}) elsewhere and "
+                f"place it at {archive}, or extract it so that {folder / files[0][0]} exists; "
+                f"--data-dir or TRANSFERBENCH_DATA choose that directory."
+            ) from None
+    ensure_cifar(name, root)  # verify what was extracted
+
+
+def load_cifar(name: str, root: Path) -> tuple[ImageSet, ImageSet]:
+    ensure_cifar(name, root)
+    cls = _cifar_class(name)
+    sets = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=False)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)))
+    return sets[0], sets[1]
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+def _list_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
+    items = []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            p for p in (split_dir / cls).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise UserError(
+                f"class folder {split_dir / cls} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"add images or remove the folder"
+            )
+        items.extend((f, label) for f in files)
+    return classes, items
+
+
+def _decode(path: Path, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                # Shorter side to `size`, then centre crop: the torchvision eval convention.
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as err:
+        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as err:
+        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+def _folder_cache_key(root: Path, items: list[tuple[Path, int]], size: int | None) -> str:
+    h = hashlib.sha256(f"v1|{root.resolve()}|{size}".encode())
+    for path, label in items:
+        st = path.stat()
+        h.update(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
+    """PATH/train/<class>/* and PATH/test/<class>/*; decoded tensors are cached on disk.
+
+    Images that all share one size are kept at that size; mixed sizes are brought to
+    storage_size x storage_size (shorter side + centre crop) so they stack into one tensor.
+    """
+    root = root.expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} does not exist")
+    listings = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"dataset folder {root} has no '{split}/' directory: expected {root}/train/<class>/ and {root}/test/<class>/")
+        listings[split] = _list_folder(root / split)
+    (train_classes, train_items), (test_classes, test_items) = listings["train"], listings["test"]
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise UserError(
+            f"class folders of {root}/train and {root}/test differ: only in train: {only_train or 'none'}; "
+            f"only in test: {only_test or 'none'}"
+        )
+    all_items = train_items + test_items
+    pool = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
+    mapper = pool.map if pool else map
+    sizes = set(mapper(lambda it: _image_size(it[0]), all_items))
+    size = None if len(sizes) == 1 else storage_size
+    key = _folder_cache_key(root, all_items, size)
+    cache_file = cache_dir() / "decoded" / f"{key}.pt"
+    if cache_file.is_file():
+        cached = torch.load(cache_file, weights_only=True)
+        images = cached["images"]
+    else:
+        images = torch.from_numpy(np.stack(list(mapper(lambda it: _decode(it[0], size), all_items)))).permute(0, 3, 1, 2).contiguous()
+        from .rundir import atomic_torch_save
+
+        atomic_torch_save({"images": images}, cache_file)
+    if pool:
+        pool.shutdown()
+    labels = torch.tensor([lbl for _, lbl in all_items], dtype=torch.long)
+    n = len(train_items)
+    return (ImageSet(images[:n], labels[:n], train_classes), ImageSet(images[n:], labels[n:], test_classes))
+
+
+def load_dataset(spec: str, data_dir: str | None, *, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
+    if spec.startswith("folder:"):
+        return load_folder(Path(spec[len("folder:"):]), storage_size, workers)
+    if spec in ("cifar10", "cifar100"):
+        return load_cifar(spec, Path(data_dir).expanduser() if data_dir else default_data_dir())
+    raise UserError(f"unknown dataset '{spec}'; choose cifar10, cifar100 or folder:PATH.{did_you_mean(spec, ['cifar10', 'cifar100'])}")
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) indices; held_out takes round(fraction * n_c) of every class, at least one."""
+    rng = np.random.default_rng(seed)
+    labels = labels.numpy()
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    """n indices with class proportions kept (largest remainder)."""
+    labels_np = labels.numpy()
+    classes, counts = np.unique(labels_np, return_counts=True)
+    if n >= len(labels_np):
+        return np.arange(len(labels_np))
+    quota = counts * n / counts.sum()
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    rng = np.random.default_rng(seed + 1)
+    chosen = [rng.permutation(np.flatnonzero(labels_np == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_subset: int | None, seed: int) -> Splits:
+    keep, held = stratified_split(train.labels, val_fraction, seed)
+    train_part, val_part = train.subset(keep), train.subset(held)
+    if train_subset is not None:
+        if train_subset > len(train_part):
+            raise UserError(f"--train-subset {train_subset} is larger than the training split ({len(train_part)} images after validation)")
+        train_part = train_part.subset(stratified_subset(train_part.labels, train_subset, seed))
+    return Splits(train_part, val_part, test)
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+
+class Preprocess:
+    """uint8 batch -> normalised float batch at the model's resolution, augmented if asked.
+
+    Augmentation is a random crop with reflect padding (1/8 of the side) and a horizontal flip,
+    done by index arithmetic on the whole batch at its stored resolution, before resizing.
+    """
+
+    def __init__(self, image_size: int, mean, std, interpolation: str, device: torch.device, channels_last: bool):
+        self.size = image_size
+        self.mode = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @staticmethod
+    def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+        idx = idx.abs()
+        return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        pad = max(1, round(min(h, w) / 8))
+        dev = x.device
+        dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator) - pad
+        dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator) - pad
+        flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
+        rows = self._reflect(dy + torch.arange(h, device=dev), h)
+        cols = torch.arange(w, device=dev).expand(b, w)
+        cols = torch.where(flip, w - 1 - cols, cols)
+        cols = self._reflect(dx + cols, w)
+        out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
+        return out.permute(0, 3, 1, 2)
+
+    def __call__(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        if augment:
+            x = self.augment(x, generator)
+        x = x.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            down = x.shape[-1] > self.size
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=down and self.mode != "nearest",
+                              align_corners=False if self.mode != "nearest" else None)
+            if self.mode == "bicubic":
+                x = x.clamp_(0, 255)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def batch_indices(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                  drop_last: bool = False, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """Index batches of one epoch. Under DDP every rank gets its own slice of each global batch."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    step = batch_size * world_size
+    stop = (n // step) * step if drop_last and n >= step else n
+    out = []
+    for i in range(0, stop, step):
+        global_batch = order[i:i + step]
+        local = global_batch[rank::world_size]
+        if len(local):
+            out.append(local)
+    return out

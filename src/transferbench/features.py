@@ -1,0 +1,98 @@
+"""Cached backbone features for linear probes.
+
+A frozen backbone computes the same features every epoch, so compute them once: run the backbone in
+eval mode, capture what goes into the classifier, and store it under a key hashed from the *contents*
+of everything that determines it (model name, backbone weights, preprocessing, the split's images).
+Any change in those gives a new key; stale features can never be reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import torch
+from torch import nn
+
+from . import rundir
+from .config import RunConfig, cache_dir
+from .data import ImageSet, Preprocess, Splits
+from .errors import UserError
+from .models import ModelBundle
+from .strategies import Strategy
+
+KEY_VERSION = "features-v1"
+
+
+def use_feature_cache(cfg: RunConfig, strategy: Strategy) -> bool:
+    if cfg.feature_cache and strategy.kind != "linear-probe":
+        raise UserError(f"--feature-cache only applies to strategy linear-probe, not '{cfg.strategy}'")
+    if strategy.kind != "linear-probe":
+        return False
+    if cfg.feature_cache and cfg.augment:
+        raise UserError("--feature-cache and augmentation do not mix (cached features are of un-augmented images): "
+                        "add --no-augment, or drop --feature-cache")
+    return not cfg.augment if cfg.feature_cache is None else bool(cfg.feature_cache)
+
+
+def _update(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+
+
+def feature_key(bundle: ModelBundle, prep: Preprocess, model_name: str, split: ImageSet) -> str:
+    h = hashlib.sha256(f"{KEY_VERSION}|{model_name}|{bundle.source}:{bundle.arch}|{prep.size}|{prep.mode}".encode())
+    _update(h, prep.mean)
+    _update(h, prep.std)
+    head = bundle.head + "."
+    for name, tensor in bundle.model.state_dict().items():
+        if not name.startswith(head):
+            h.update(name.encode())
+            _update(h, tensor)
+    _update(h, split.images)
+    _update(h, split.labels)
+    return h.hexdigest()[:32]
+
+
+@torch.inference_mode()
+def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, device: torch.device,
+                     batch_size: int, desc: str = "features") -> torch.Tensor:
+    """The classifier's input for every image, backbone in eval mode: (N, D) float32 on the CPU."""
+    from tqdm import tqdm
+
+    model = bundle.model
+    head = model.get_submodule(bundle.head)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1).float().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, file=sys.stderr):
+            x = split.images[start:start + batch_size].to(device)
+            model(prep(x))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def cached_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, model_name: str, device: torch.device,
+                    batch_size: int, desc: str) -> ImageSet:
+    path = cache_dir() / "features" / f"{feature_key(bundle, prep, model_name, split)}.pt"
+    if path.is_file():
+        feats = torch.load(path, map_location="cpu", weights_only=True)["features"]
+    else:
+        feats = extract_features(bundle, split, prep, device, batch_size, desc)
+        rundir.atomic_torch_save({"features": feats}, path)
+    return ImageSet(feats, split.labels, split.classes)
+
+
+def cached_head_training_inputs(bundle: ModelBundle, splits: Splits, prep: Preprocess, cfg: RunConfig,
+                                device: torch.device):
+    """Batches of cached features for train / val / test, and the module that trains on them (the head)."""
+    from .training import Batches
+
+    sets = [cached_features(bundle, s, prep, cfg.model, device, cfg.batch_size * 2, f"features ({name})")
+            for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))]
+    head: nn.Module = bundle.model.get_submodule(bundle.head)
+    return (*(Batches(s, None, device) for s in sets), head)
