@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import types
@@ -36,6 +37,12 @@ HELP = {
 }
 SHORT = {"batch_size": ["-b"], "workers": ["-j"], "weight_decay": ["--wd"]}
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
+# Commands that live in their own module: each has add_arguments(parser) and command(args) -> exit code.
+PLUGGED = {
+    "study": ("transferbench.study", "run every experiment of a study file (a grid of runs)"),
+    "report": ("transferbench.report", "tables and plots comparing every run under a directory"),
+    "export": ("transferbench.export", "export a finished run to ONNX (optionally int8-quantized), verified"),
+}
 
 
 def _base_type(hint) -> type:
@@ -77,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--data-dir", default=None)
+
+    for name, (module, help_text) in PLUGGED.items():
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             if result["test_acc"] != result["recorded_test_acc"]:
                 print(f"warning: test accuracy {result['test_acc']:.6f} differs from the recorded "
                       f"{result['recorded_test_acc']:.6f}", file=sys.stderr)
+        else:
+            return importlib.import_module(PLUGGED[args.command][0]).command(args)
     except UserError as err:
         print(f"transferbench: error: {err}", file=sys.stderr)
         return 2

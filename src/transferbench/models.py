@@ -83,7 +83,7 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "torchvision", name
     if timm.is_model(name):
         return "timm", name
-    choices = ["simple_cnn", *_torchvision_names(), *timm.list_models()]
+    choices = dict.fromkeys(["simple_cnn", *_torchvision_names(), *timm.list_models()])
     raise UserError(f"unknown model '{name}' (not simple_cnn, a torchvision or a timm model).{did_you_mean(name, choices)}")
 
 

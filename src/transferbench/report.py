@@ -25,3 +25,13 @@ def curves_figure(history: list[dict], title: str):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("args", nargs="*")
+
+
+def command(args) -> int:
+    from .errors import UserError
+
+    raise UserError("'report' is not implemented yet")

@@ -204,9 +204,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp = device.type == "cuda" and cfg.amp is not False
-    if distributed.is_main():  # only now that data and model are known good: a failed start leaves nothing
-        rundir.atomic_write_json(run_dir / rundir.CONFIG, cfg.to_dict())
     plan = phases(model, bundle.head, strategy, cfg.epochs, cfg.head_epochs, cfg.unfreeze_lr_scale)
+    if distributed.is_main():  # only now that data, model and strategy are known good: a failed start leaves nothing
+        rundir.atomic_write_json(run_dir / rundir.CONFIG, cfg.to_dict())
     apply_trainable(model, plan[-1].trainable)
     trainable, total = count_params(model)
     log(f"{cfg.name}: {cfg.model} on {cfg.dataset} ({len(classes)} classes; train {len(splits.train)}, "
@@ -329,6 +329,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
         "versions": versions(),
     }
     if distributed.is_main():
+        rundir.atomic_write_jsonl(run_dir / rundir.METRICS, history)
         rundir.atomic_torch_save({
             "format": 1, "config": cfg.to_dict(), "classes": classes, "data_config": contract.to_dict(),
             "image_size": cfg.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
