@@ -54,7 +54,7 @@ def feature_key(bundle: ModelBundle, prep: Preprocess, model_name: str, split: I
     return h.hexdigest()[:32]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the features are later inputs to a head that trains
 def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, device: torch.device,
                      batch_size: int, desc: str = "features") -> torch.Tensor:
     """The classifier's input for every image, backbone in eval mode: (N, D) float32 on the CPU."""

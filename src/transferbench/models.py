@@ -129,7 +129,7 @@ def data_config(name: str) -> DataConfig:
     return (_torchvision_data_config if source == "torchvision" else _timm_data_config)(arch)
 
 
-def _torchvision(arch: str, pretrained: bool) -> ModelBundle:
+def _torchvision(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
     import torchvision.models as tvm
 
     try:
@@ -139,11 +139,15 @@ def _torchvision(arch: str, pretrained: bool) -> ModelBundle:
     return ModelBundle(model, _last_linear(model), _torchvision_data_config(arch), "torchvision", arch)
 
 
-def _timm(arch: str, pretrained: bool) -> ModelBundle:
+def _timm(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
     import timm
 
+    kwargs = {}
+    cfg = timm.get_pretrained_cfg(arch)
+    if image_size and cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:
+        kwargs["img_size"] = image_size  # ViT-style models: timm resamples position embeddings to fit
     try:
-        model = timm.create_model(arch, pretrained=pretrained)
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         raise _download_error(arch, err) from None
     except Exception as err:  # huggingface_hub's offline errors are not OSErrors in every version
@@ -210,14 +214,32 @@ def replace_head(bundle: ModelBundle, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None) -> ModelBundle:
+def create_model(name: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
+                 image_size: int | None = None) -> ModelBundle:
+    """`image_size` matters only to architectures built for one input size (ViTs)."""
     source, arch = resolve_name(name)
     if source == "transferbench":
         if pretrained or weights:
             raise UserError("simple_cnn has no pretrained weights: use --no-pretrained (strategy scratch or full)")
         return ModelBundle(SimpleCNN(num_classes), "classifier", data_config(name), source, arch)
-    bundle = (_torchvision if source == "torchvision" else _timm)(arch, pretrained)
+    bundle = (_torchvision if source == "torchvision" else _timm)(arch, pretrained, image_size)
     if weights:
         load_backbone_weights(bundle, weights)
     replace_head(bundle, num_classes)
     return bundle
+
+
+def check_input_size(bundle: ModelBundle, image_size: int, device: torch.device) -> None:
+    """One tiny forward pass at the run's resolution, so a size the architecture cannot take is a clear
+    error now rather than a shape error from deep inside the model later."""
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        with torch.inference_mode():
+            bundle.model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except Exception as err:
+        raise UserError(f"{bundle.source} model '{bundle.arch}' cannot take {image_size}x{image_size} input "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"choose another --image-size (its weights expect {bundle.data_config.input_size})") from None
+    finally:
+        bundle.model.train(was_training)

@@ -1,12 +1,632 @@
-"""Placeholder until this command lands."""
+"""`transferbench study FILE.yaml`: a grid of runs declared in one file, planned, checked, then run in turn.
+
+A study file (YAML)::
+
+    name: cifar100-resnet50-layerwise      # default: the file's stem; the runs go to OUTPUT_DIR/NAME/
+    description: free text
+    options:                                # RunConfig fields shared by every run (scalars)
+      dataset: cifar100
+      model: resnet50
+      epochs: 15
+    grid:                                   # RunConfig fields -> lists: every combination is one run
+      strategy: [linear-probe, last-n:3, last-n:25]
+      seed: [0, 1, 2]
+    variants:                               # optional, named: each one is expanded over the grid;
+      faithful: {optimizer: adam}           #   a scalar overrides (options or a grid axis), a list
+      improved: {image_size: [160, 224]}    #   sweeps (replacing the grid's axis of that name)
+    references:                             # published figures, in percent
+      - {label: "last-n:25", match: {strategy: last-n:25}, metric: test_acc, value: 72.18, source: "..."}
+    select:                                 # "choose on validation, then test" (one rule or a list)
+      {name: best-K, among: {strategy: [last-n:3, last-n:25]}, by: best_val_acc, report: test_acc}
+
+Every run has the outputs of `transferbench run` in OUTPUT_DIR/NAME/[VARIANT/]RUN_NAME, where RUN_NAME is
+the default run name plus the values of the swept options it does not already show (``-px224``,
+``-n5000``, ``-e20``, ...). Paths in the file (``folder:PATH``, ``weights``) are relative to the
+current directory, as on the command line. The whole file, and every run's configuration, is checked
+before anything runs. Running a study again skips complete runs and resumes interrupted ones.
+"""
 from __future__ import annotations
 
-from .errors import UserError
+import dataclasses
+import itertools
+import json
+import re
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
+from .config import RunConfig, default_run_name
+from .errors import UserError, did_you_mean
+
+TOP_KEYS = ("name", "description", "options", "grid", "variants", "references", "select")
+REFERENCE_KEYS = ("label", "match", "metric", "value", "source")
+SELECT_KEYS = ("name", "among", "by", "report")
+METRICS = ("test_acc", "best_val_acc")
+RESERVED = {"name": "run names come from the study", "output_dir": "pass --output-dir to `transferbench study`"}
+STUDY_RECORD = "study.json"
+# Short tags for swept options in run names; other options appear as their own name.
+NAME_TAGS = {"image_size": "px", "train_subset": "n", "epochs": "e", "batch_size": "b", "lr": "lr",
+             "weight_decay": "wd", "head_epochs": "he", "val_fraction": "val", "label_smoothing": "ls"}
+IN_DEFAULT_NAME = ("dataset", "model", "strategy", "seed")
+FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+# ---------------------------------------------------------------------------------------- the plan
+
+@dataclass
+class PlannedRun:
+    name: str  # "VARIANT/RUN" or "RUN": its path under the study directory
+    variant: str | None
+    config: RunConfig  # as the study sets it (output_dir and name filled in), not yet resolved
+    options: dict[str, Any]  # every option the study file set for this run, in RunConfig order
+    sources: dict[str, str] = field(repr=False, default_factory=dict)  # option -> where in the file
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.output_dir).expanduser() / self.config.name
+
+    def state(self) -> str:
+        """'complete', 'interrupted' (started, not finished) or 'new'."""
+        if (self.dir / "summary.json").is_file():
+            return "complete"
+        if (self.dir / "config.json").is_file():
+            return "interrupted"
+        return "new"
+
+    def epochs_done(self) -> int:
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+@dataclass
+class Reference:
+    label: str
+    match: dict[str, Any]
+    metric: str
+    value: float  # percent
+    source: str
+    runs: list[str]  # names of the planned runs it applies to
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Selection:
+    name: str
+    among: dict[str, Any]
+    by: str
+    report: str
+    runs: list[str]  # the candidates
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    path: Path
+    output_dir: Path
+    runs: list[PlannedRun]
+    references: list[Reference]
+    selections: list[Selection]
+
+    @property
+    def dir(self) -> Path:
+        return self.output_dir.expanduser() / self.name
+
+    def record(self) -> dict:
+        """What study.json holds: enough for `transferbench report` to place, compare and select runs."""
+        return {
+            "format": 1, "name": self.name, "description": self.description, "file": str(self.path),
+            "runs": [{"name": r.name, "variant": r.variant, "options": r.options} for r in self.runs],
+            "references": [r.record() for r in self.references],
+            "select": [s.record() for s in self.selections],
+        }
+
+
+# ---------------------------------------------------------------------------------------- parsing
+
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def _coerce(src: str, where: str, key: str, value: Any) -> Any:
+    """A YAML value as the RunConfig field's type, or a UserError naming the file and the key."""
+    kind, optional = _field_type(key)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{src}: {where}: '{key}' cannot be empty (null)")
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key == "strategy":
+        pass
+    raise UserError(f"{src}: {where}: '{key}' must be {names.get(kind, kind.__name__)}, got {value!r}")
+
+
+def _check_key(src: str, where: str, key: Any, extra: tuple[str, ...] = ()) -> str:
+    if not isinstance(key, str):
+        raise UserError(f"{src}: {where}: key {key!r} is not a name")
+    if key in RESERVED and key not in extra:
+        raise UserError(f"{src}: {where}: '{key}' cannot be set in a study file ({RESERVED[key]})")
+    if key not in FIELDS and key not in extra:
+        choices = [f for f in FIELDS if f not in RESERVED] + list(extra)
+        raise UserError(f"{src}: {where}: unknown key '{key}'.{did_you_mean(key, choices)}")
+    return key
+
+
+def _mapping(src: str, where: str, value: Any, *, allow_empty: bool = True) -> dict:
+    if value is None and allow_empty:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{src}: '{where}' must be a mapping (key: value lines), got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise UserError(f"{src}: '{where}' is empty")
+    return value
+
+
+def _axis(src: str, where: str, key: str, values: Any) -> list:
+    if not isinstance(values, list):
+        raise UserError(f"{src}: {where}.{key}: a grid axis must be a list of values, e.g. {key}: [{values!r}]")
+    if not values:
+        raise UserError(f"{src}: {where}.{key}: empty list: an empty grid axis declares no runs")
+    out = [_coerce(src, f"{where}.{key}", key, v) for v in values]
+    dupes = sorted({repr(v) for v in out if out.count(v) > 1})
+    if dupes:
+        raise UserError(f"{src}: {where}.{key}: value {dupes[0]} is listed twice")
+    return out
+
+
+def _scalar(src: str, where: str, key: str, value: Any, hint: str) -> Any:
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{src}: {where}.{key}: must be a single value here ({hint})")
+    return _coerce(src, f"{where}.{key}", key, value)
+
+
+def _tag(key: str, value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    return NAME_TAGS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")
+
+
+def _matches(run: PlannedRun, match: dict[str, Any]) -> bool:
+    for key, wanted in match.items():
+        have = run.variant if key == "variant" else run.options.get(key, getattr(run.config, key))
+        if have not in (wanted if isinstance(wanted, list) else [wanted]):
+            return False
+    return True
+
+
+def _parse_match(src: str, where: str, value: Any) -> dict[str, Any]:
+    match = {}
+    for key, wanted in _mapping(src, where, value).items():
+        _check_key(src, where, key, extra=("variant",))
+        if key == "variant":
+            match[key] = [str(v) for v in wanted] if isinstance(wanted, list) else str(wanted)
+        elif isinstance(wanted, list):
+            match[key] = [_coerce(src, f"{where}.{key}", key, v) for v in wanted]
+        else:
+            match[key] = _coerce(src, f"{where}.{key}", key, wanted)
+    return match
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+
+
+def _validate_values(src: str, runs: list[PlannedRun]) -> None:
+    """Each distinct strategy, model and dataset once, then every run's full configuration."""
+    from .strategies import parse_strategy
+
+    seen: set[tuple[str, Any]] = set()
+    for run in runs:
+        for key, check in (("strategy", parse_strategy), ("dataset", _check_dataset), ("model", _check_model)):
+            value = getattr(run.config, key)
+            if (key, value) in seen:
+                continue
+            seen.add((key, value))
+            try:
+                check(value)
+            except UserError as err:
+                raise UserError(f"{src}: {run.sources.get(key, 'default ' + key)}: {err}") from None
+    for run in runs:
+        try:
+            run.config.validate()
+        except UserError as err:
+            message = str(err)
+            flags = [m.replace("-", "_") for m in re.findall(r"--([a-z][a-z-]*)", message)]
+            where = next((run.sources[f] for f in flags if f in run.sources), None)
+            raise UserError(f"{src}: " + (f"{where}: " if where else "") + f"{message} (run '{run.name}')") from None
+
+
+def _check_dataset(spec: str) -> None:
+    if spec.startswith("folder:"):
+        root = Path(spec[len("folder:"):]).expanduser()
+        if not root.is_dir():
+            raise UserError(f"dataset folder {root} does not exist (relative paths are from the current directory, {Path.cwd()})")
+    elif spec not in ("cifar10", "cifar100"):
+        raise UserError(f"unknown dataset '{spec}'; choose cifar10, cifar100 or folder:PATH.{did_you_mean(spec, ['cifar10', 'cifar100'])}")
+
+
+def _check_model(name: str) -> None:
+    from .models import resolve_name
+
+    resolve_name(name)
+
+
+def load_study(path: str | Path, output_dir: str | Path = "runs", *,
+               transform: Callable[[PlannedRun], dict[str, Any] | None] | None = None) -> Study:
+    """Read and check a study file, and plan its runs (nothing is written).
+
+    `transform(run)` may return replacement options for a planned run, or None to drop it; names,
+    references and selections keep what the file says (tests use this to run shrunken copies).
+    Raises UserError, naming the file and the key, for anything wrong.
+    """
+    import yaml
+
+    path = Path(path)
+    src = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"study file {src} does not exist") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{src}: not valid YAML: {err}") from None
+    doc = _mapping(src, "the file", doc, allow_empty=False)
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise UserError(f"{src}: unknown top-level key '{key}' (expected {', '.join(TOP_KEYS)}).{did_you_mean(str(key), TOP_KEYS)}")
+
+    name = doc.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise UserError(f"{src}: name: {name!r} must be a plain directory name (letters, digits, '.', '_', '-')")
+    description = doc.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"{src}: description must be text")
+
+    options = {}
+    for key, value in _mapping(src, "options", doc.get("options")).items():
+        options[_check_key(src, "options", key)] = _scalar(src, "options", key, value, "put values to sweep under grid")
+    grid = {}
+    if "grid" in doc:
+        raw_grid = _mapping(src, "grid", doc["grid"], allow_empty=True)
+        if not raw_grid:
+            raise UserError(f"{src}: grid is empty: give at least one key with a list of values, or remove 'grid'")
+        for key, values in raw_grid.items():
+            grid[_check_key(src, "grid", key)] = _axis(src, "grid", key, values)
+            if key in options:
+                raise UserError(f"{src}: grid.{key}: '{key}' is also in options; keep it in one place")
+    variants: dict[str | None, dict] = {}
+    if "variants" in doc:
+        raw_variants = _mapping(src, "variants", doc["variants"], allow_empty=True)
+        if not raw_variants:
+            raise UserError(f"{src}: variants is empty: name at least one variant, or remove 'variants'")
+        for vname, body in raw_variants.items():
+            if not isinstance(vname, str) or not _NAME_RE.fullmatch(vname):
+                raise UserError(f"{src}: variants: {vname!r} must be a plain directory name (letters, digits, '.', '_', '-')")
+            variants[vname] = {}
+            for key, value in _mapping(src, f"variants.{vname}", body).items():
+                _check_key(src, f"variants.{vname}", key)
+                variants[vname][key] = (_axis(src, f"variants.{vname}", key, value) if isinstance(value, list)
+                                        else _scalar(src, f"variants.{vname}", key, value, ""))
+    if not grid and not variants:
+        raise UserError(f"{src}: declares no runs: add a 'grid' (keys with lists of values) and/or 'variants'")
+
+    runs: list[PlannedRun] = []
+    study_dir = Path(output_dir).expanduser() / name
+    for vname, body in (variants or {None: {}}).items():
+        fixed = dict(options)
+        sources = {k: f"options.{k}" for k in options}
+        axes = dict(grid)
+        sources.update({k: f"grid.{k}" for k in grid})
+        for key, value in body.items():
+            sources[key] = f"variants.{vname}.{key}"
+            if isinstance(value, list):
+                axes[key] = value
+                fixed.pop(key, None)
+            else:
+                fixed[key] = value
+                axes.pop(key, None)
+        swept = [k for k, v in axes.items() if len(v) > 1 and k not in IN_DEFAULT_NAME]
+        for combo in itertools.product(*axes.values()):
+            chosen = {**fixed, **dict(zip(axes, combo))}
+            chosen = {k: chosen[k] for k in FIELDS if k in chosen}
+            base = RunConfig(**chosen)
+            run_name = "-".join([default_run_name(base), *(_tag(k, chosen[k]) for k in swept)])
+            out = study_dir / vname if vname else study_dir
+            runs.append(PlannedRun(f"{vname}/{run_name}" if vname else run_name, vname,
+                                   dataclasses.replace(base, output_dir=str(out), name=run_name), chosen, sources))
+    by_name: dict[str, PlannedRun] = {}
+    for run in runs:
+        if run.name in by_name:
+            raise UserError(f"{src}: two runs would both be named '{run.name}' ({run.options} and "
+                            f"{by_name[run.name].options}); make them differ in a swept key or put them in different variants")
+        by_name[run.name] = run
+
+    references = []
+    raw_refs = doc.get("references") or []
+    if not isinstance(raw_refs, list):
+        raise UserError(f"{src}: references must be a list of entries (- match: ..., value: ...)")
+    for i, entry in enumerate(raw_refs):
+        where = f"references[{i}]"
+        entry = _mapping(src, where, entry, allow_empty=False)
+        for key in entry:
+            if key not in REFERENCE_KEYS:
+                raise UserError(f"{src}: {where}: unknown key '{key}' (expected {', '.join(REFERENCE_KEYS)}).{did_you_mean(str(key), REFERENCE_KEYS)}")
+        if "match" not in entry or "value" not in entry:
+            raise UserError(f"{src}: {where}: needs 'match' (which runs) and 'value' (the published figure, in percent)")
+        match = _parse_match(src, f"{where}.match", entry["match"])
+        value = entry["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise UserError(f"{src}: {where}.value: must be a percentage between 0 and 100 (e.g. 79.32), got {value!r}")
+        metric = entry.get("metric", "test_acc")
+        if metric not in METRICS:
+            raise UserError(f"{src}: {where}.metric: must be one of {', '.join(METRICS)}, got {metric!r}.{did_you_mean(str(metric), METRICS)}")
+        matched = [r.name for r in runs if _matches(r, match)]
+        if not matched:
+            raise UserError(f"{src}: {where}.match: {match} matches none of the study's {len(runs)} runs")
+        label = entry.get("label") or " ".join(str(v) for v in match.values())
+        references.append(Reference(str(label), match, metric, float(value), str(entry.get("source") or ""), matched))
+
+    selections = []
+    raw_select = doc.get("select")
+    raw_select = [] if raw_select is None else raw_select if isinstance(raw_select, list) else [raw_select]
+    for i, entry in enumerate(raw_select):
+        where = f"select[{i}]" if isinstance(doc.get("select"), list) else "select"
+        entry = _mapping(src, where, entry, allow_empty=False)
+        for key in entry:
+            if key not in SELECT_KEYS:
+                raise UserError(f"{src}: {where}: unknown key '{key}' (expected {', '.join(SELECT_KEYS)}).{did_you_mean(str(key), SELECT_KEYS)}")
+        among = _parse_match(src, f"{where}.among", entry.get("among"))
+        by, report = entry.get("by", "best_val_acc"), entry.get("report", "test_acc")
+        for key, metric in (("by", by), ("report", report)):
+            if metric not in METRICS:
+                raise UserError(f"{src}: {where}.{key}: must be one of {', '.join(METRICS)}, got {metric!r}.{did_you_mean(str(metric), METRICS)}")
+        if by == "test_acc":
+            raise UserError(f"{src}: {where}.by: selecting on test_acc would report a test figure chosen on the test set; "
+                            f"select by best_val_acc")
+        candidates = [r.name for r in runs if _matches(r, among)]
+        if len(candidates) < 2:
+            raise UserError(f"{src}: {where}.among: {among} matches {len(candidates)} run(s); a selection needs at least two candidates")
+        selections.append(Selection(str(entry.get("name") or f"selection-{i + 1}"), among, by, report, candidates))
+
+    if transform is not None:
+        kept = []
+        for run in runs:
+            new = transform(run)
+            if new is None:
+                continue
+            new = {k: new[k] for k in FIELDS if k in new and k not in RESERVED}
+            kept.append(dataclasses.replace(run, config=dataclasses.replace(RunConfig(**new), output_dir=run.config.output_dir, name=run.config.name)))
+        names = {r.name for r in kept}
+        runs = kept
+        for item in (*references, *selections):
+            item.runs = [n for n in item.runs if n in names]
+
+    _validate_values(src, runs)
+    return Study(name, description, path, Path(output_dir), runs, references, selections)
+
+
+# -------------------------------------------------------------------------------------- running
+
+def check_existing(study: Study) -> dict[str, str]:
+    """State of every planned run; a run started or finished with other options is an error."""
+    from .training import RESUMABLE_DIFFERENCES
+
+    states = {}
+    for run in study.runs:
+        state = run.state()
+        if state != "new":
+            saved = json.loads((run.dir / "config.json").read_text()) if (run.dir / "config.json").is_file() else {}
+            planned = run.config.resolved().to_dict()
+            diffs = [k for k, v in planned.items()
+                     if k not in RESUMABLE_DIFFERENCES and v is not None and k in saved and saved[k] != v]
+            if diffs:
+                k = diffs[0]
+                raise UserError(
+                    f"{run.dir} was {'run' if state == 'complete' else 'started'} with {k}={saved[k]!r}, but {study.path} "
+                    f"now says {k}={planned[k]!r}; choose another --output-dir, or delete that run directory to redo it")
+        states[run.name] = state
+    return states
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _weight(run: PlannedRun) -> float:
+    """Rough relative cost of a run, for the time estimate: one evaluation pass plus its epochs."""
+    from .strategies import parse_strategy
+
+    if parse_strategy(run.config.strategy).kind == "zero-shot":
+        return 1.0
+    return 1.0 + run.config.epochs * (0.3 if run.config.train_subset else 1.0)
+
+
+class _Overall:
+    """Overall progress (runs done / total, elapsed, estimate left), kept above each run's own bar."""
+
+    def __init__(self, study: Study, states: dict[str, str], enabled: bool):
+        self.total = len(study.runs)
+        self.done = sum(s == "complete" for s in states.values())
+        self.left_weight = sum(_weight(r) for r in study.runs if states[r.name] != "complete")
+        self.spent_weight = 0.0
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.done, position=0, leave=True, dynamic_ncols=True,
+                            file=sys.stderr, desc=f"study {study.name}", unit="run",
+                            bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {postfix}")
+            self._refresh()
+
+    def eta(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        if self.spent_weight == 0:
+            return "estimate after the first run"
+        return f"~{_duration(elapsed / self.spent_weight * self.left_weight)} left"
+
+    def status(self) -> str:
+        return f"{self.done}/{self.total} runs done, {_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}"
+
+    def _refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def finished(self, run: PlannedRun, completed: bool) -> None:
+        w = _weight(run)
+        self.left_weight -= w
+        self.spent_weight += w
+        if completed:
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(1)
+        self._refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _LinesAboveBars:
+    """stdout that prints whole lines through tqdm.write, so log lines never tear the progress bars."""
+
+    def __init__(self, overall: _Overall):
+        self.overall, self.buffer = overall, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.overall.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) -> dict[str, Any]:
+    """Run every planned run that is not complete yet (interrupted ones resume); returns the outcome."""
+    import contextlib
+
+    from . import rundir, training
+
+    states = check_existing(study)
+    rundir.atomic_write_json(study.dir / STUDY_RECORD, study.record())
+    overall = _Overall(study, states, progress)
+    failed: dict[str, str] = {}
+    skipped = [r.name for r in study.runs if states[r.name] == "complete"]
+    if skipped:
+        overall.write(f"study {study.name}: {len(skipped)} of {len(study.runs)} runs already complete, skipped")
+    try:
+        for run in study.runs:
+            if states[run.name] == "complete":
+                continue
+            how = "resuming" if states[run.name] == "interrupted" else "starting"
+            overall.write(f"[study {study.name}] {overall.status()}; {how} {run.name}")
+            redirect = contextlib.redirect_stdout(_LinesAboveBars(overall)) if overall.bar is not None else contextlib.nullcontext()
+            try:
+                with redirect:
+                    training.run(run.config, resume=run.dir.exists(), progress=progress)
+            except UserError as err:
+                overall.finished(run, completed=False)
+                if not keep_going:
+                    raise UserError(f"study {study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix the "
+                                    f"problem and run the study again to continue (--keep-going runs the others first).") from None
+                failed[run.name] = str(err)
+                overall.write(f"[study {study.name}] run {run.name} failed: {err}")
+                continue
+            overall.finished(run, completed=True)
+    finally:
+        overall.close()
+    elapsed = time.perf_counter() - overall.start
+    print(f"study {study.name}: {overall.done}/{len(study.runs)} runs complete ({len(skipped)} skipped, "
+          f"{len(failed)} failed) in {_duration(elapsed)} -> {study.dir}")
+    from .report import load_runs, selection_results
+
+    records = load_runs(study.dir)
+    for result in selection_results(records):
+        print(result["text"])
+    return {"complete": overall.done, "skipped": skipped, "failed": failed, "elapsed_s": elapsed}
+
+
+def print_plan(study: Study) -> None:
+    states = check_existing(study)
+    counts = {s: sum(v == s for v in states.values()) for s in ("new", "interrupted", "complete")}
+    print(f"study {study.name} ({study.path}): {len(study.runs)} runs -> {study.dir}")
+    width = max(len(r.name) for r in study.runs)
+    for i, run in enumerate(study.runs, 1):
+        state = states[run.name]
+        tag = {"complete": "done", "interrupted": f"resume@{run.epochs_done()}", "new": "new"}[state]
+        opts = " ".join(f"{k}={_fmt(v)}" for k, v in run.options.items())
+        print(f"{i:>4}  {tag:<10} {run.name:<{width}}  {opts}")
+    for ref in study.references:
+        print(f"reference: {ref.label}: {ref.value:g}% {ref.metric} ({len(ref.runs)} run(s))" + (f" [{ref.source}]" if ref.source else ""))
+    for sel in study.selections:
+        print(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}, reporting its {sel.report}")
+    print(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} complete; nothing was run")
+
+
+# ------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("args", nargs="*")
+    parser.add_argument("file", metavar="FILE.yaml", help="the study file (see studies/ for examples)")
+    parser.add_argument("--dry-run", action="store_true", help="print one line per planned run and run nothing")
+    parser.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/STUDY_NAME/ (default: runs)")
+    parser.add_argument("--keep-going", action="store_true", help="when a run fails, go on with the others (exit status 1)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def command(args) -> int:
-    raise UserError("'study' is not implemented yet")
+    study = load_study(args.file, args.output_dir)
+    if args.dry_run:
+        print_plan(study)
+        return 0
+    try:
+        outcome = run_study(study, progress=args.progress, keep_going=args.keep_going)
+    except KeyboardInterrupt:
+        print(f"transferbench: study interrupted; run the same command again to resume it (complete runs are "
+              f"skipped, the interrupted one continues from its last completed epoch)", file=sys.stderr)
+        return 130
+    return 1 if outcome["failed"] else 0

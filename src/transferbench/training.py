@@ -24,7 +24,7 @@ from . import distributed, rundir
 from .config import RunConfig
 from .data import ImageSet, Preprocess, Splits, batch_indices, load_dataset, make_splits
 from .errors import UserError
-from .models import create_model, data_config
+from .models import check_input_size, create_model, data_config
 from .strategies import Phase, apply_trainable, count_params, parse_strategy, phases, set_train_mode
 
 # Options that may differ when a run is resumed: where and how fast it runs, not what it computes.
@@ -192,15 +192,24 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     contract = data_config(cfg.model)
     cfg.image_size = cfg.image_size or contract.input_size
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
-    checkpoint = _prepare_run_dir(run_dir, cfg, resume, overwrite) if distributed.is_main() else None
-    checkpoint = distributed.broadcast_object(checkpoint)
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = ("ok", _prepare_run_dir(run_dir, cfg, resume, overwrite))
+        except UserError as err:
+            outcome = ("error", str(err))
+    status, checkpoint = distributed.broadcast_object(outcome)  # every rank stops if rank 0 must
+    if status == "error":
+        raise UserError(checkpoint)
 
     torch.manual_seed(cfg.seed)
     train_all, test = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
     splits = make_splits(train_all, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
     classes = splits.classes
-    bundle = create_model(cfg.model, len(classes), pretrained=bool(cfg.pretrained), weights=cfg.weights)
+    bundle = create_model(cfg.model, len(classes), pretrained=bool(cfg.pretrained), weights=cfg.weights,
+                          image_size=cfg.image_size)
     model = bundle.model.to(device)
+    check_input_size(bundle, cfg.image_size, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp = device.type == "cuda" and cfg.amp is not False
@@ -390,7 +399,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | N
     _, test = load_dataset(cfg.dataset, data_dir or cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
     if list(test.classes) != list(saved["classes"]):
         raise UserError(f"the test split of {cfg.dataset} now has classes {test.classes}, the run was trained on {saved['classes']}")
-    bundle = create_model(cfg.model, len(saved["classes"]))
+    bundle = create_model(cfg.model, len(saved["classes"]), image_size=saved["image_size"])
     bundle.model.load_state_dict(saved["state_dict"])
     model = bundle.model.to(dev)
     if cfg.channels_last:
