@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=None)
     ap.add_argument("--test-per-class", type=int, default=None)
     args = ap.parse_args()
+    from transferbench.training import tune_host_allocator
+
+    tune_host_allocator()  # as `transferbench run` does; the baseline shares the process, so gains it too
     size = args.image_size or (64 if args.quick else 160)
     train_pc = args.train_per_class or (40 if args.quick else 550)
     test_pc = args.test_per_class or (10 if args.quick else 50)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from transferbench import cli
@@ -94,3 +95,12 @@ def cli_run(capsys):
     def call(*argv):
         return run_cli(list(argv), capsys)
     return call
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and does not crawl when another process holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

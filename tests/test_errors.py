@@ -1,10 +1,8 @@
 """Every bad input exits non-zero with one clear message, no traceback, and writes nothing."""
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import make_folder
 from transferbench.models import create_model

@@ -85,20 +85,26 @@ def test_linear_probe_changes_nothing_but_the_head(folder, tmp_path, cli_run, re
     assert json.loads(out)["test_acc"] == summary["test_acc"]
 
 
-def test_two_phase_trains_head_then_everything(folder, tmp_path, cli_run, resnet_weights, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_phase_trains_head_then_everything(folder, tmp_path, cli_run, resnet_weights, monkeypatch, compiled):
+    """Compiled too: a graph traced while the backbone was frozen must not keep it frozen in phase 2.
+    aot_eager traces forward and backward as inductor does, without needing a C++ compiler."""
     path, initial = resnet_weights
+    if compiled:
+        real_compile = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="aot_eager"))
     snapshots = {}
     real = training.after_epoch
 
     def snapshot(epoch):
         snapshots[epoch] = torch.load(tmp_path / "runs" / "imgs-resnet18-two-phase-s0" / "checkpoint.pt",
-                                      weights_only=False)["model"]
+                                      weights_only=False, map_location="cpu")["model"]
         real(epoch)
 
     monkeypatch.setattr(training, "after_epoch", snapshot)
     code, _, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,
                            "--strategy", "two-phase", "--epochs", "3", "--head-epochs", "1", "--lr", "1e-2",
-                           "--output-dir", tmp_path / "runs", *COMMON)
+                           "--output-dir", tmp_path / "runs", *COMMON, *(["--compile"] if compiled else []))
     assert code == 0, err
     assert torch.equal(snapshots[1]["conv1.weight"], initial["conv1.weight"])
     assert torch.equal(snapshots[1]["bn1.running_mean"], initial["bn1.running_mean"])

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .training import tune_host_allocator
+
+    tune_host_allocator()  # the CLI owns the process; see bench/allocator.py
     try:
         if args.command == "run":
             from .training import run
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transferbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("transferbench: interrupted; `transferbench run ... --resume` continues from the last completed epoch",
-              file=sys.stderr)
+        hint = "; `transferbench run ... --resume` continues from the last completed epoch" if args.command == "run" else ""
+        print(f"transferbench: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -107,6 +107,7 @@ class RunConfig:
         kind = parse_strategy(c.strategy).kind
         if c.weights:
             c.weights = str(Path(c.weights).expanduser().resolve())
+        c.dataset = canonical_dataset(c.dataset)  # so evaluate / export work from any directory later
         if c.pretrained is None:
             c.pretrained = kind != "scratch" and not c.weights and c.model != "simple_cnn"
         if kind == "zero-shot":
@@ -121,6 +122,13 @@ class RunConfig:
         if c.name is None:
             c.name = default_run_name(c)
         return c
+
+
+def canonical_dataset(spec: str) -> str:
+    """`folder:` datasets by absolute path, so a run found from any directory names the same data."""
+    if spec.startswith("folder:"):
+        return "folder:" + str(Path(spec[len("folder:"):]).expanduser().resolve())
+    return spec
 
 
 def _slug(text: str) -> str:

@@ -6,7 +6,6 @@ normalisation and augmentation happen per batch on the training device, never pe
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import cache_dir, default_data_dir
 from .errors import UserError, did_you_mean
+from .rundir import atomic_torch_save, file_digest
 
 DATASETS = ("cifar10", "cifar100", "folder:PATH")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,14 +55,6 @@ def _cifar_class(name: str):
     return {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cifar_files(cls) -> list[tuple[str, str]]:
     return [(n, m) for n, m in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
 
@@ -77,7 +69,7 @@ def ensure_cifar(name: str, root: Path) -> None:
     files = _cifar_files(cls)
     present = [(n, m) for n, m in files if (folder / n).is_file()]
     for fname, md5 in present:
-        actual = _md5(folder / fname)
+        actual = file_digest(folder / fname, "md5")
         if actual != md5:
             raise UserError(
                 f"{folder / fname} is corrupt (md5 {actual}, expected {md5}): delete it and run again to "
@@ -89,7 +81,7 @@ def ensure_cifar(name: str, root: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive, extract_archive
 
     if archive.is_file():
-        actual = _md5(archive)
+        actual = file_digest(archive, "md5")
         if actual != cls.tgz_md5:
             raise UserError(f"{archive} is corrupt (md5 {actual}, expected {cls.tgz_md5}): delete it and download it again from {cls.url}")
         extract_archive(str(archive), str(root))
@@ -175,6 +167,10 @@ def _folder_cache_key(root: Path, items: list[tuple[Path, int]], size: int | Non
     return h.hexdigest()[:24]
 
 
+def _decoded_cache_file(root: Path, items: list, size: int | None) -> Path:
+    return cache_dir() / "decoded" / f"{_folder_cache_key(root, items, size)}.pt"
+
+
 def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
     """PATH/train/<class>/* and PATH/test/<class>/*; decoded tensors are cached on disk.
 
@@ -198,22 +194,18 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
             f"only in test: {only_test or 'none'}"
         )
     all_items = train_items + test_items
-    pool = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
-    mapper = pool.map if pool else map
-    sizes = set(mapper(lambda it: _image_size(it[0]), all_items))
-    size = None if len(sizes) == 1 else storage_size
-    key = _folder_cache_key(root, all_items, size)
-    cache_file = cache_dir() / "decoded" / f"{key}.pt"
-    if cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
-        images = cached["images"]
+    # The listing (paths, mtimes, byte sizes) fixes the content, so a cached decode is found without opening
+    # any image: first as "all one size, kept as is", then as "brought to storage_size".
+    cached = [f for f in (_decoded_cache_file(root, all_items, s) for s in (None, storage_size)) if f.is_file()]
+    if cached:
+        images = torch.load(cached[0], weights_only=True)["images"]
     else:
-        images = torch.from_numpy(np.stack(list(mapper(lambda it: _decode(it[0], size), all_items)))).permute(0, 3, 1, 2).contiguous()
-        from .rundir import atomic_torch_save
-
-        atomic_torch_save({"images": images}, cache_file)
-    if pool:
-        pool.shutdown()
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            sizes = set(pool.map(lambda it: _image_size(it[0]), all_items))
+            size = None if len(sizes) == 1 else storage_size
+            decoded = list(pool.map(lambda it: _decode(it[0], size), all_items))
+        images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+        atomic_torch_save({"images": images}, _decoded_cache_file(root, all_items, size))
     labels = torch.tensor([lbl for _, lbl in all_items], dtype=torch.long)
     n = len(train_items)
     return (ImageSet(images[:n], labels[:n], train_classes), ImageSet(images[n:], labels[n:], test_classes))

@@ -56,7 +56,7 @@ def feature_key(bundle: ModelBundle, prep: Preprocess, model_name: str, split: I
 
 @torch.no_grad()  # not inference_mode: the features are later inputs to a head that trains
 def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, device: torch.device,
-                     batch_size: int, desc: str = "features") -> torch.Tensor:
+                     batch_size: int, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """The classifier's input for every image, backbone in eval mode: (N, D) float32 on the CPU."""
     from tqdm import tqdm
 
@@ -67,7 +67,8 @@ def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, dev
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, file=sys.stderr):
+        starts = range(0, len(split), batch_size)
+        for start in tqdm(starts, desc=desc, leave=False, file=sys.stderr) if progress else starts:
             x = split.images[start:start + batch_size].to(device)
             model(prep(x))
     finally:
@@ -77,22 +78,22 @@ def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, dev
 
 
 def cached_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, model_name: str, device: torch.device,
-                    batch_size: int, desc: str) -> ImageSet:
+                    batch_size: int, desc: str, progress: bool = True) -> ImageSet:
     path = cache_dir() / "features" / f"{feature_key(bundle, prep, model_name, split)}.pt"
     if path.is_file():
         feats = torch.load(path, map_location="cpu", weights_only=True)["features"]
     else:
-        feats = extract_features(bundle, split, prep, device, batch_size, desc)
+        feats = extract_features(bundle, split, prep, device, batch_size, desc, progress)
         rundir.atomic_torch_save({"features": feats}, path)
     return ImageSet(feats, split.labels, split.classes)
 
 
 def cached_head_training_inputs(bundle: ModelBundle, splits: Splits, prep: Preprocess, cfg: RunConfig,
-                                device: torch.device):
+                                device: torch.device, progress: bool = True):
     """Batches of cached features for train / val / test, and the module that trains on them (the head)."""
     from .training import Batches
 
-    sets = [cached_features(bundle, s, prep, cfg.model, device, cfg.batch_size * 2, f"features ({name})")
+    sets = [cached_features(bundle, s, prep, cfg.model, device, cfg.batch_size * 2, f"features ({name})", progress)
             for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))]
     head: nn.Module = bundle.model.get_submodule(bundle.head)
     return (*(Batches(s, None, device) for s in sets), head)

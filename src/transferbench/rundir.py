@@ -1,6 +1,7 @@
 """Everything a run directory holds, each file written atomically (temp file + rename)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,11 +14,23 @@ CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "curves.png")
 
 
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in 1 MiB chunks (hashlib.file_digest needs Python 3.11)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a run's files get the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -4,6 +4,8 @@ A study file (YAML)::
 
     name: cifar100-resnet50-layerwise      # default: the file's stem; the runs go to OUTPUT_DIR/NAME/
     description: free text
+    dataset_labels:                         # optional: how reports name a dataset (default: CIFAR-10,
+      folder:data/c10-jpeg: CIFAR-10 (JPEG copy)  #   CIFAR-100, or a folder dataset's folder name)
     options:                                # RunConfig fields shared by every run (scalars)
       dataset: cifar100
       model: resnet50
@@ -21,9 +23,15 @@ A study file (YAML)::
 
 Every run has the outputs of `transferbench run` in OUTPUT_DIR/NAME/[VARIANT/]RUN_NAME, where RUN_NAME is
 the default run name plus the values of the swept options it does not already show (``-px224``,
-``-n5000``, ``-e20``, ...). Paths in the file (``folder:PATH``, ``weights``) are relative to the
-current directory, as on the command line. The whole file, and every run's configuration, is checked
-before anything runs. Running a study again skips complete runs and resumes interrupted ones.
+``-n5000``, ``-e20``, ...); OUTPUT_DIR/NAME/study.json records the plan, the references and the
+selection rules for `transferbench report`. Paths in the file (``folder:PATH``, ``weights``) are relative
+to the current directory, as on the command line. The whole file, and every run's configuration, is
+checked before anything runs: an unknown key, a bad value or an empty grid is an error naming the file
+and the key. Running a study again skips complete runs and resumes interrupted ones.
+
+`match` (references) and `among` (select) name options as the file sets them, or `variant`; a list
+means any of its values. A selection compares configurations (seeds of one configuration averaged) by
+`by` and reports the chosen one's `report` figure; it never chooses on the test set.
 """
 from __future__ import annotations
 
@@ -39,10 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, default_run_name
+from .config import RunConfig, canonical_dataset, default_run_name
 from .errors import UserError, did_you_mean
 
-TOP_KEYS = ("name", "description", "options", "grid", "variants", "references", "select")
+TOP_KEYS = ("name", "description", "dataset_labels", "options", "grid", "variants", "references", "select")
 REFERENCE_KEYS = ("label", "match", "metric", "value", "source")
 SELECT_KEYS = ("name", "among", "by", "report")
 METRICS = ("test_acc", "best_val_acc")
@@ -119,6 +127,7 @@ class Study:
     runs: list[PlannedRun]
     references: list[Reference]
     selections: list[Selection]
+    dataset_labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -128,6 +137,7 @@ class Study:
         """What study.json holds: enough for `transferbench report` to place, compare and select runs."""
         return {
             "format": 1, "name": self.name, "description": self.description, "file": str(self.path),
+            "dataset_labels": self.dataset_labels,
             "runs": [{"name": r.name, "variant": r.variant, "options": r.options} for r in self.runs],
             "references": [r.record() for r in self.references],
             "select": [s.record() for s in self.selections],
@@ -169,8 +179,6 @@ def _coerce(src: str, where: str, key: str, value: Any) -> Any:
                 pass
     if kind is str and isinstance(value, str):
         return value
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key == "strategy":
-        pass
     raise UserError(f"{src}: {where}: '{key}' must be {names.get(kind, kind.__name__)}, got {value!r}")
 
 
@@ -214,7 +222,12 @@ def _scalar(src: str, where: str, key: str, value: Any, hint: str) -> Any:
 
 
 def _tag(key: str, value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    if value is None:  # the option's default: all the data, the weights' own resolution, ...
+        text = "all" if key == "train_subset" else "default"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = f"{value:g}" if isinstance(value, float) else str(value)
     return NAME_TAGS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")
 
 
@@ -315,14 +328,16 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
 
     options = {}
     for key, value in _mapping(src, "options", doc.get("options")).items():
-        options[_check_key(src, "options", key)] = _scalar(src, "options", key, value, "put values to sweep under grid")
+        _check_key(src, "options", key)  # before the value: an unknown key has no type to check it against
+        options[key] = _scalar(src, "options", key, value, "put values to sweep under grid")
     grid = {}
     if "grid" in doc:
         raw_grid = _mapping(src, "grid", doc["grid"], allow_empty=True)
         if not raw_grid:
             raise UserError(f"{src}: grid is empty: give at least one key with a list of values, or remove 'grid'")
         for key, values in raw_grid.items():
-            grid[_check_key(src, "grid", key)] = _axis(src, "grid", key, values)
+            _check_key(src, "grid", key)
+            grid[key] = _axis(src, "grid", key, values)
             if key in options:
                 raise UserError(f"{src}: grid.{key}: '{key}' is also in options; keep it in one place")
     variants: dict[str | None, dict] = {}
@@ -419,6 +434,15 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
             raise UserError(f"{src}: {where}.among: {among} matches {len(candidates)} run(s); a selection needs at least two candidates")
         selections.append(Selection(str(entry.get("name") or f"selection-{i + 1}"), among, by, report, candidates))
 
+    dataset_labels = {}
+    for spec, label in _mapping(src, "dataset_labels", doc.get("dataset_labels")).items():
+        if not any(r.options.get("dataset", RunConfig.dataset) == spec for r in runs):
+            used = sorted({r.options.get("dataset", RunConfig.dataset) for r in runs})
+            raise UserError(f"{src}: dataset_labels: '{spec}' is not a dataset of this study ({', '.join(used)})")
+        if not isinstance(label, str) or not label.strip():
+            raise UserError(f"{src}: dataset_labels.{spec}: must be a non-empty text, got {label!r}")
+        dataset_labels[canonical_dataset(str(spec))] = label.strip()  # as config.json records it
+
     if transform is not None:
         kept = []
         for run in runs:
@@ -433,7 +457,7 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
             item.runs = [n for n in item.runs if n in names]
 
     _validate_values(src, runs)
-    return Study(name, description, path, Path(output_dir), runs, references, selections)
+    return Study(name, description, path, Path(output_dir), runs, references, selections, dataset_labels)
 
 
 # -------------------------------------------------------------------------------------- running
@@ -486,14 +510,15 @@ class _Overall:
         self.left_weight = sum(_weight(r) for r in study.runs if states[r.name] != "complete")
         self.spent_weight = 0.0
         self.start = time.perf_counter()
+        self.stdout = sys.stdout  # the real one: while a run is going, sys.stdout is a _LinesAboveBars
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.done, position=0, leave=True, dynamic_ncols=True,
                             file=sys.stderr, desc=f"study {study.name}", unit="run",
-                            bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {postfix}")
-            self._refresh()
+                            bar_format="{desc}: {n_fmt}/{total_fmt} runs{postfix} |{bar}|")
+            self.refresh()
 
     def eta(self) -> str:
         elapsed = time.perf_counter() - self.start
@@ -504,15 +529,15 @@ class _Overall:
     def status(self) -> str:
         return f"{self.done}/{self.total} runs done, {_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}"
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
 
     def write(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
+            self.bar.write(line, file=self.stdout)
         else:
-            print(line, flush=True)
+            print(line, file=self.stdout, flush=True)
 
     def finished(self, run: PlannedRun, completed: bool) -> None:
         w = _weight(run)
@@ -522,7 +547,7 @@ class _Overall:
             self.done += 1
             if self.bar is not None:
                 self.bar.update(1)
-        self._refresh()
+        self.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -530,7 +555,8 @@ class _Overall:
 
 
 class _LinesAboveBars:
-    """stdout that prints whole lines through tqdm.write, so log lines never tear the progress bars."""
+    """stdout that prints whole lines through tqdm.write, so log lines never tear the progress bars;
+    each line (a run logs one per epoch) also refreshes the overall bar's elapsed time."""
 
     def __init__(self, overall: _Overall):
         self.overall, self.buffer = overall, ""
@@ -540,6 +566,7 @@ class _LinesAboveBars:
         while "\n" in self.buffer:
             line, self.buffer = self.buffer.split("\n", 1)
             self.overall.write(line)
+            self.overall.refresh()
         return len(text)
 
     def flush(self) -> None:
@@ -585,9 +612,9 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) 
           f"{len(failed)} failed) in {_duration(elapsed)} -> {study.dir}")
     from .report import load_runs, selection_results
 
-    records = load_runs(study.dir)
-    for result in selection_results(records):
+    for result in selection_results(load_runs(study.dir)):
         print(result["text"])
+    print(f"tables and plots: transferbench report {study.dir}")
     return {"complete": overall.done, "skipped": skipped, "failed": failed, "elapsed_s": elapsed}
 
 
@@ -595,7 +622,7 @@ def print_plan(study: Study) -> None:
     states = check_existing(study)
     counts = {s: sum(v == s for v in states.values()) for s in ("new", "interrupted", "complete")}
     print(f"study {study.name} ({study.path}): {len(study.runs)} runs -> {study.dir}")
-    width = max(len(r.name) for r in study.runs)
+    width = max((len(r.name) for r in study.runs), default=0)
     for i, run in enumerate(study.runs, 1):
         state = states[run.name]
         tag = {"complete": "done", "interrupted": f"resume@{run.epochs_done()}", "new": "new"}[state]
@@ -626,7 +653,7 @@ def command(args) -> int:
     try:
         outcome = run_study(study, progress=args.progress, keep_going=args.keep_going)
     except KeyboardInterrupt:
-        print(f"transferbench: study interrupted; run the same command again to resume it (complete runs are "
-              f"skipped, the interrupted one continues from its last completed epoch)", file=sys.stderr)
+        print("transferbench: study interrupted; run the same command again to resume it (complete runs are "
+              "skipped, the interrupted one continues from its last completed epoch)", file=sys.stderr)
         return 130
     return 1 if outcome["failed"] else 0

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed, rundir
 from .config import RunConfig
-from .data import ImageSet, Preprocess, Splits, batch_indices, load_dataset, make_splits
+from .data import ImageSet, Preprocess, batch_indices, load_dataset, make_splits
 from .errors import UserError
 from .models import check_input_size, create_model, data_config
 from .strategies import Phase, apply_trainable, count_params, parse_strategy, phases, set_train_mode
@@ -49,6 +49,24 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and distributed.world_size() > 1:
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the kernel.
+
+    Activations of a CPU training step are tens to hundreds of MB each; by default glibc mmaps every such
+    block and unmaps it on free, so each step page-faults (and zeroes) its whole working set again. With
+    EfficientNet-Lite0, batch 256 at 160 px, that was half the step's time spent in the kernel; this halves
+    the step time at the cost of a higher resident peak (bench/allocator.py measures both). Process-wide, so
+    the CLI calls it, not the library. No-op where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))  # -1: never trim
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -82,11 +100,14 @@ class Batches:
             yield (self.prep(x, augment, aug_generator) if self.prep else x), y
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast_for(device: torch.device, enabled: bool):
     if not enabled or device.type != "cuda":
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=autocast_dtype(device))
 
 
 @torch.inference_mode()
@@ -128,10 +149,27 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """So that each run of a study reports its own peak, not the process's largest so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set size
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on CUDA; peak resident memory of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process (Linux: KiB)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # never reset; KiB on Linux
 
 
 def versions() -> dict[str, str]:
@@ -203,6 +241,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
         raise UserError(checkpoint)
 
     torch.manual_seed(cfg.seed)
+    reset_peak_memory(device)
     train_all, test = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
     splits = make_splits(train_all, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
     classes = splits.classes
@@ -230,7 +269,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     if use_cache:
         from .features import cached_head_training_inputs
 
-        train_b, val_b, test_b, step_model = cached_head_training_inputs(bundle, splits, prep, cfg, device)
+        train_b, val_b, test_b, step_model = cached_head_training_inputs(bundle, splits, prep, cfg, device,
+                                                                               progress and distributed.is_main())
     else:
         train_b, val_b, test_b = (Batches(s, prep, device) for s in (splits.train, splits.val, splits.test))
         step_model = model
