@@ -115,6 +115,20 @@ def test_two_phase_trains_head_then_everything(folder, tmp_path, cli_run, resnet
     assert [m["phase"] for m in metrics] == [0, 1, 1]
 
 
+def test_bn_frozen_trains_batchnorm_weights_but_keeps_its_statistics(folder, tmp_path, cli_run, resnet_weights):
+    path, initial = resnet_weights
+    code, _, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,
+                           "--strategy", "full", "--bn-frozen", "--epochs", "1", "--lr", "1e-2",
+                           "--output-dir", tmp_path / "runs", *COMMON)
+    assert code == 0, err
+    final = torch.load(tmp_path / "runs" / "imgs-resnet18-full-s0" / "model.pt", weights_only=False)["state_dict"]
+    for k, v in final.items():
+        if "running_" in k:
+            assert torch.equal(v, initial[k]), f"{k} changed under --bn-frozen"
+    assert not torch.equal(final["bn1.weight"], initial["bn1.weight"])
+    assert not torch.equal(final["conv1.weight"], initial["conv1.weight"])
+
+
 def test_zero_shot_evaluates_an_untrained_head(folder, tmp_path, cli_run, resnet_weights):
     path, _ = resnet_weights
     code, _, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,

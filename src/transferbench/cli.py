@@ -25,6 +25,7 @@ HELP = {
     "weight_decay": "default 0.05 adamw, 5e-4 sgd, 0 adam; never on biases and norm parameters",
     "warmup_epochs": "linear warmup before the cosine decay, per phase (default 1 when epochs >= 5, else 0)",
     "image_size": "input resolution (default: the weights' own, e.g. 224)",
+    "bn_frozen": "BatchNorm layers keep their pretrained running statistics while they train (small data, small batches)",
     "augment": "random crop with padding + horizontal flip, in batches on the device",
     "val_fraction": "stratified validation split carved from train, used for model selection",
     "train_subset": "train on a stratified subset of N images",

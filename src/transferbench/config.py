@@ -41,6 +41,7 @@ class RunConfig:
     label_smoothing: float = 0.1
     image_size: int | None = None  # None: the weights' own input resolution
     augment: bool = True
+    bn_frozen: bool = False
     val_fraction: float = 0.1
     train_subset: int | None = None
     seed: int = 0
@@ -93,6 +94,8 @@ class RunConfig:
             )
         if self.strategy == "scratch" and (self.pretrained or self.weights):
             raise UserError("strategy 'scratch' trains from random initialisation: drop --pretrained/--weights")
+        if self.bn_frozen and self.strategy == "scratch":
+            raise UserError("--bn-frozen keeps pretrained BatchNorm statistics; strategy 'scratch' has none to keep")
         if self.weights and self.pretrained:
             raise UserError("give either --pretrained (download) or --weights FILE (local), not both")
         if self.weights and not Path(self.weights).expanduser().is_file():

@@ -85,12 +85,15 @@ def apply_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
         p.requires_grad_(name in trainable)
 
 
-def set_train_mode(model: nn.Module) -> None:
+def set_train_mode(model: nn.Module, bn_frozen: bool = False) -> None:
     """model.train(), except that every submodule without a trainable parameter runs in eval mode.
 
     A frozen part must not change in any way: eval mode keeps BatchNorm running statistics fixed and
     turns off dropout / stochastic depth inside it, so a frozen backbone computes exactly the features
     it computes at evaluation (which is also what the feature cache stores).
+    With `bn_frozen`, every BatchNorm layer keeps its pretrained statistics even while its affine
+    parameters train: on small datasets, small batches or images unlike the pretraining ones, batch
+    statistics shift every feature the head was trained on.
     """
     model.train()
     for module in model.modules():
@@ -98,6 +101,8 @@ def set_train_mode(model: nn.Module) -> None:
             continue
         params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
+            module.eval()
+        elif bn_frozen and isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
 
 

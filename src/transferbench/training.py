@@ -299,7 +299,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc.: resume replays the same randomness
             order_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
             aug_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch) + 1)
-            set_train_mode(step_model)
+            set_train_mode(step_model, cfg.bn_frozen)
             t0 = time.perf_counter()
             stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
