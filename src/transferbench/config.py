@@ -134,8 +134,9 @@ def canonical_dataset(spec: str) -> str:
     return spec
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "run"
+def slug(text: str, empty: str = "run") -> str:
+    """text as a file-name component."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or empty
 
 
 def default_run_name(c: RunConfig) -> str:
@@ -144,4 +145,4 @@ def default_run_name(c: RunConfig) -> str:
         dataset = Path(dataset[len("folder:"):].rstrip("/")).name or "folder"
     model = c.model.split(":", 1)[-1]
     strategy = c.strategy.replace(":", "")
-    return f"{_slug(dataset)}-{_slug(model)}-{_slug(strategy)}-s{c.seed}"
+    return f"{slug(dataset)}-{slug(model)}-{slug(strategy)}-s{c.seed}"

@@ -85,45 +85,20 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The fine-tuned model of a finished run, rebuilt from model.pt on the CPU."""
-    import torch
+    from .training import load_finished_run
 
-    from . import rundir
-    from .config import RunConfig
-    from .models import create_model
-
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    path = run_dir / rundir.MODEL
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no {rundir.MODEL}: is it a finished transferbench run directory?")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read {path} ({type(err).__name__}: {err})") from None
-    missing = [k for k in ("config", "classes", "data_config", "image_size", "state_dict")
-               if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise UserError(f"{path} is not a transferbench model file (missing: {', '.join(missing)})")
-    cfg = RunConfig.from_dict(saved["config"], source=str(path))
-    classes, image_size = list(saved["classes"]), int(saved["image_size"])
-    bundle = create_model(cfg.model, len(classes), image_size=image_size)  # image_size: ViT-style fixed-size models
-    try:
-        bundle.model.load_state_dict(saved["state_dict"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: the saved weights do not fit model '{cfg.model}' ({err})") from None
-    return LoadedRun(run_dir, saved, cfg, bundle.model.float().eval(), classes, image_size, dict(saved["data_config"]))
+    saved, cfg, bundle = load_finished_run(run_dir)
+    return LoadedRun(Path(run_dir).expanduser(), saved, cfg, bundle.model.float().eval(), list(saved["classes"]),
+                     int(saved["image_size"]), dict(saved["data_config"]))
 
 
 def _splits(run: LoadedRun, data_dir: str | None):
     """The run's own splits (same seed, validation fraction and subset): calibration never sees a test image."""
-    from .data import load_dataset, make_splits
+    from .data import make_splits
+    from .training import load_run_data
 
     cfg = run.cfg
-    dataset = f"folder:{data_dir}" if data_dir and cfg.dataset.startswith("folder:") else cfg.dataset
-    train, test = load_dataset(dataset, data_dir or cfg.data_dir, storage_size=run.image_size, workers=cfg.workers)
-    if list(test.classes) != run.classes:
-        raise UserError(f"the test split of {dataset} now has classes {test.classes}, the run was trained on {run.classes}")
+    train, test = load_run_data(run.saved, cfg, data_dir)
     return make_splits(train, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
 
 

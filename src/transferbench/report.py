@@ -23,7 +23,6 @@ import csv
 import html
 import io
 import json
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import rundir  # noqa: E402
+from .config import slug  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .study import STUDY_RECORD  # noqa: E402  (what `transferbench study` writes in a study's directory)
 
@@ -726,10 +726,6 @@ def render_html(root: Path, runs: list[Run], sections: list[Section], unfinished
     return "\n".join(out)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "runs"
-
-
 def write_report(root: str | Path, out: str | Path | None = None, *, labels: dict[str, str] | None = None) -> dict:
     """Read every finished run under root and write results.csv, report.md and report.html to out
     (default: root), each atomically. Returns what was written and the selection answers."""
@@ -745,8 +741,8 @@ def write_report(root: str | Path, out: str | Path | None = None, *, labels: dic
     written = set()
     for i, section in enumerate(sections):
         for plot in section.plots:
-            plot.file = f"{i + 1:02d}-{_slug(section.title)}-{plot.kind}.png"
-            rundir._atomic(plot_dir / plot.file, lambda tmp, data=plot.png: Path(tmp).write_bytes(data))
+            plot.file = f"{i + 1:02d}-{slug(section.title, 'runs')}-{plot.kind}.png"
+            rundir.atomic_write_bytes(plot_dir / plot.file, plot.png)
             written.add(plot.file)
     if plot_dir.is_dir():  # plots of an earlier report that this one no longer has
         for stale in plot_dir.glob("*.png"):

@@ -24,7 +24,7 @@ from . import distributed, rundir
 from .config import RunConfig
 from .data import ImageSet, Preprocess, batch_indices, load_dataset, make_splits
 from .errors import UserError
-from .models import check_input_size, create_model, data_config
+from .models import ModelBundle, check_input_size, create_model, data_config
 from .strategies import Phase, apply_trainable, count_params, parse_strategy, phases, set_train_mode
 
 # Options that may differ when a run is resumed: where and how fast it runs, not what it computes.
@@ -427,20 +427,47 @@ def _start_phase(step_model: nn.Module, model: nn.Module, phase: Phase, cfg: Run
     return train_model, optimizer, scheduler, scaler
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> dict:
-    """Rebuild a finished run's model from model.pt and re-evaluate its test split."""
+def load_finished_run(run_dir: str | Path) -> tuple[dict, RunConfig, ModelBundle]:
+    """What a finished run saved in model.pt, its configuration, and its model rebuilt on the CPU."""
     run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
     path = run_dir / rundir.MODEL
     if not path.is_file():
         raise UserError(f"{run_dir} has no {rundir.MODEL}: is it a finished transferbench run directory?")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err})") from None
+    missing = [k for k in ("config", "classes", "data_config", "image_size", "state_dict")
+               if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{path} is not a transferbench model file (missing: {', '.join(missing)})")
     cfg = RunConfig.from_dict(saved["config"], source=str(path))
-    dev = pick_device(device)
-    _, test = load_dataset(cfg.dataset, data_dir or cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
+    # image_size: ViT-style models are built for one input size
+    bundle = create_model(cfg.model, len(saved["classes"]), image_size=int(saved["image_size"]))
+    try:
+        bundle.model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: the saved weights do not fit model '{cfg.model}' ({err})") from None
+    return saved, cfg, bundle
+
+
+def load_run_data(saved: dict, cfg: RunConfig, data_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
+    """A finished run's (train, test) data, from `data_dir` if it moved: the CIFAR directory, or the
+    image folder of a `folder:` dataset. Refused if its classes are no longer the ones the run learned."""
+    dataset = f"folder:{data_dir}" if data_dir and cfg.dataset.startswith("folder:") else cfg.dataset
+    train, test = load_dataset(dataset, data_dir or cfg.data_dir, storage_size=int(saved["image_size"]), workers=cfg.workers)
     if list(test.classes) != list(saved["classes"]):
-        raise UserError(f"the test split of {cfg.dataset} now has classes {test.classes}, the run was trained on {saved['classes']}")
-    bundle = create_model(cfg.model, len(saved["classes"]), image_size=saved["image_size"])
-    bundle.model.load_state_dict(saved["state_dict"])
+        raise UserError(f"the test split of {dataset} now has classes {test.classes}, the run was trained on {saved['classes']}")
+    return train, test
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> dict:
+    """Rebuild a finished run's model from model.pt and re-evaluate its test split."""
+    saved, cfg, bundle = load_finished_run(run_dir)
+    dev = pick_device(device)
+    _, test = load_run_data(saved, cfg, data_dir)
     model = bundle.model.to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
