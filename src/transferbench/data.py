@@ -159,16 +159,18 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
 
 
-def _folder_cache_key(root: Path, items: list[tuple[Path, int]], size: int | None) -> str:
-    h = hashlib.sha256(f"v1|{root.resolve()}|{size}".encode())
+def _listing(items: list[tuple[Path, int]]) -> bytes:
+    """What fixes a folder's content without opening an image: names, labels, byte sizes, mtimes."""
+    lines = []
     for path, label in items:
         st = path.stat()
-        h.update(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
+        lines.append(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n")
+    return "".join(lines).encode()
 
 
-def _decoded_cache_file(root: Path, items: list, size: int | None) -> Path:
-    return cache_dir() / "decoded" / f"{_folder_cache_key(root, items, size)}.pt"
+def _decoded_cache_file(root: Path, listing: bytes, size: int | None) -> Path:
+    key = hashlib.sha256(f"v1|{root.resolve()}|{size}".encode() + listing).hexdigest()[:24]
+    return cache_dir() / "decoded" / f"{key}.pt"
 
 
 def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
@@ -194,9 +196,10 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
             f"only in test: {only_test or 'none'}"
         )
     all_items = train_items + test_items
-    # The listing (paths, mtimes, byte sizes) fixes the content, so a cached decode is found without opening
-    # any image: first as "all one size, kept as is", then as "brought to storage_size".
-    cached = [f for f in (_decoded_cache_file(root, all_items, s) for s in (None, storage_size)) if f.is_file()]
+    # A cached decode is found from the listing alone: first as "all one size, kept as is", then as
+    # "brought to storage_size".
+    listing = _listing(all_items)
+    cached = [f for f in (_decoded_cache_file(root, listing, s) for s in (None, storage_size)) if f.is_file()]
     if cached:
         images = torch.load(cached[0], weights_only=True)["images"]
     else:
@@ -205,7 +208,7 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
             size = None if len(sizes) == 1 else storage_size
             decoded = list(pool.map(lambda it: _decode(it[0], size), all_items))
         images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
-        atomic_torch_save({"images": images}, _decoded_cache_file(root, all_items, size))
+        atomic_torch_save({"images": images}, _decoded_cache_file(root, listing, size))
     labels = torch.tensor([lbl for _, lbl in all_items], dtype=torch.long)
     n = len(train_items)
     return (ImageSet(images[:n], labels[:n], train_classes), ImageSet(images[n:], labels[n:], test_classes))
