@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import rundir
 from .config import RunConfig, canonical_dataset, default_run_name
 from .errors import UserError, did_you_mean
 
@@ -80,17 +81,17 @@ class PlannedRun:
 
     def state(self) -> str:
         """'complete', 'interrupted' (started, not finished) or 'new'."""
-        if (self.dir / "summary.json").is_file():
+        if (self.dir / rundir.SUMMARY).is_file():
             return "complete"
-        if (self.dir / "config.json").is_file():
+        if (self.dir / rundir.CONFIG).is_file():
             return "interrupted"
         return "new"
 
     def epochs_done(self) -> int:
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / rundir.METRICS
         if not path.is_file():
             return 0
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
+        return len(rundir.read_jsonl(path))
 
 
 @dataclass
@@ -470,7 +471,7 @@ def check_existing(study: Study) -> dict[str, str]:
     for run in study.runs:
         state = run.state()
         if state != "new":
-            saved = json.loads((run.dir / "config.json").read_text()) if (run.dir / "config.json").is_file() else {}
+            saved = rundir.read_json(run.dir / rundir.CONFIG) if (run.dir / rundir.CONFIG).is_file() else {}
             planned = run.config.resolved().to_dict()
             diffs = [k for k, v in planned.items()
                      if k not in RESUMABLE_DIFFERENCES and v is not None and k in saved and saved[k] != v]
@@ -577,7 +578,7 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) 
     """Run every planned run that is not complete yet (interrupted ones resume); returns the outcome."""
     import contextlib
 
-    from . import rundir, training
+    from . import training
 
     states = check_existing(study)
     rundir.atomic_write_json(study.dir / STUDY_RECORD, study.record())
