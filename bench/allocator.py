@@ -20,7 +20,7 @@ STEP = r"""
 import json, resource, sys, time
 import torch, torch.nn.functional as F
 from transferbench.models import create_model
-from transferbench.training import tune_host_allocator
+from transferbench.host import tune_host_allocator
 tuned, batch, size, steps = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if tuned:
     assert tune_host_allocator()

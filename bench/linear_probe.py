@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=None)
     ap.add_argument("--test-per-class", type=int, default=None)
     args = ap.parse_args()
-    from transferbench.training import tune_host_allocator
+    from transferbench.host import tune_host_allocator
 
     tune_host_allocator()  # as `transferbench run` does; the baseline shares the process, so gains it too
     size = args.image_size or (64 if args.quick else 160)

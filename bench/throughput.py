@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, subset_folder, weights_args  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from common import finish, subset_folder, weights_args  # noqa: E402
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
     args = ap.parse_args()
-    from transferbench.training import tune_host_allocator
+    from transferbench.host import tune_host_allocator
 
     tune_host_allocator()  # as `transferbench run` does; the baseline shares the process, so gains it too
     per_class = args.train_per_class or (16 if args.quick else 128)  # x10 classes, x0.95 after validation

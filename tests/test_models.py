@@ -4,7 +4,7 @@ from torch import nn
 
 from transferbench import UserError
 from transferbench.models import SimpleCNN, create_model, data_config, resolve_name
-from transferbench.strategies import (apply_trainable, parse_strategy, phases, set_train_mode, trainable_names)
+from transferbench.strategies import apply_trainable, parse_strategy, set_train_mode
 
 
 def test_names_resolve_to_torchvision_first_then_timm():
@@ -76,7 +76,7 @@ def test_weights_that_do_not_fit_name_the_offending_keys(tmp_path):
 def test_last_n_25_on_resnet50_trains_exactly_its_last_25_tensors():
     b = create_model("resnet50", 100)
     names = [n for n, _ in b.model.named_parameters()]
-    trainable = trainable_names(b.model, b.head, parse_strategy("last-n:25"))
+    trainable = parse_strategy("last-n:25").trainable(b.model, b.head)
     assert trainable == frozenset(names[-25:]) and {"fc.weight", "fc.bias"} <= trainable
     apply_trainable(b.model, trainable)
     assert [n for n, p in b.model.named_parameters() if p.requires_grad] == names[-25:]
@@ -86,13 +86,13 @@ def test_strategy_phases():
     b = create_model("resnet18", 3)
     names = frozenset(n for n, _ in b.model.named_parameters())
     head = frozenset({"fc.weight", "fc.bias"})
-    assert trainable_names(b.model, b.head, parse_strategy("linear-probe")) == head
-    assert trainable_names(b.model, b.head, parse_strategy("zero-shot")) == frozenset()
-    assert trainable_names(b.model, b.head, parse_strategy("full")) == names
-    two = phases(b.model, b.head, parse_strategy("two-phase"), epochs=5, head_epochs=2, unfreeze_lr_scale=0.1)
+    assert parse_strategy("linear-probe").trainable(b.model, b.head) == head
+    assert parse_strategy("zero-shot").trainable(b.model, b.head) == frozenset()
+    assert parse_strategy("full").trainable(b.model, b.head) == names
+    two = parse_strategy("two-phase").phases(b.model, b.head, epochs=5, head_epochs=2, unfreeze_lr_scale=0.1)
     assert [(p.first_epoch, p.end_epoch, p.trainable, p.lr_scale) for p in two] == [(0, 2, head, 1.0), (2, 5, names, 0.1)]
     with pytest.raises(UserError, match="more parameter tensors than the model has \\(62\\)"):
-        trainable_names(b.model, b.head, parse_strategy("last-n:63"))
+        parse_strategy("last-n:63").trainable(b.model, b.head)
 
 
 @pytest.mark.parametrize("text, message", [("last-n:0", "K >= 1"), ("last-n:x", "last-n:K"),
@@ -104,7 +104,7 @@ def test_bad_strategy_names(text, message):
 
 def test_frozen_parts_run_in_eval_mode():
     b = create_model("resnet18", 3)
-    apply_trainable(b.model, trainable_names(b.model, b.head, parse_strategy("last-n:5")))
+    apply_trainable(b.model, parse_strategy("last-n:5").trainable(b.model, b.head))
     set_train_mode(b.model)
     assert not b.model.bn1.training and not b.model.layer1.training
     assert b.model.layer4[1].bn2.training and b.model.fc.training and b.model.training

@@ -15,9 +15,7 @@ import torch
 from conftest import make_folder
 from transferbench import rundir
 from transferbench.config import RunConfig
-from transferbench.report import STUDY_RECORD
 from transferbench.study import load_study, run_study
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +54,7 @@ def fake_study(tmp_path, body: str, figures, name="f"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(body)
     study = load_study(path, tmp_path / "runs")
-    rundir.atomic_write_json(study.dir / STUDY_RECORD, study.record())
+    rundir.atomic_write_json(study.dir / rundir.STUDY_RECORD, study.record())
     for i, run in enumerate(study.runs):
         write_run(run.config, **figures(run, i))
     return study

@@ -1,6 +1,7 @@
 """`transferbench study`: a study file is checked, planned, run, skipped when done and resumed when killed;
 every shipped study passes --dry-run, and a shrunken copy of each runs end to end."""
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 
 from conftest import make_folder, write_cifar
 from transferbench import training
-from transferbench.report import load_runs, selection_results, write_report
+from transferbench.report import write_report
+from transferbench.results import load_runs, selection_results
 from transferbench.study import load_study, run_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +261,8 @@ def shrink(data_dirs: dict, folder: Path):
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
-def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypatch, capsys):
+def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="transferbench")
     data_dirs = {"cifar10": write_cifar(tmp_path / "c10", "cifar10", monkeypatch, per_class_train=10),
                  "cifar100": write_cifar(tmp_path / "c100", "cifar100", monkeypatch, per_class_train=2, per_class_test=1)}
     folder = make_folder(tmp_path / "imgs", train_per_class=8, test_per_class=3, size=16)
@@ -268,7 +271,7 @@ def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypa
     assert len(study.runs) == sum(r.config.seed == 0 for r in full.runs) >= 2
     outcome = run_study(study, progress=False)
     assert outcome["failed"] == {} and outcome["complete"] == len(study.runs)
-    out = capsys.readouterr().out
+    out = caplog.text
     runs = load_runs(study.dir)
     assert sorted(r.in_study for r in runs) == sorted(r.name for r in study.runs)
     assert all(r.study.name == study.name for r in runs)

@@ -1,17 +1,27 @@
-"""Run configuration as typed data: what the CLI parses, what config.json records."""
+"""Run configuration as typed data: what the CLI parses, what config.json records, what a study sweeps.
+
+Every option is one `RunConfig` field; its help text and whether it changes a result live in the field's
+metadata, so the CLI flags, the resume check, the study planner and the report all read one definition.
+`DatasetSpec` is the one parser of `--dataset` values.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError, did_you_mean
+from .strategies import parse_strategy
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**32 - 1  # numpy's default_rng and torch.manual_seed both take it
 
 
 def cache_dir() -> Path:
@@ -22,54 +32,123 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TRANSFERBENCH_DATA", cache_dir() / "data")).expanduser()
 
 
+def option(default: Any, help: str = "", *, neutral: bool = False, short: tuple[str, ...] = (),
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A RunConfig field. neutral: says where or how fast a run runs, never what it computes, so it may
+    differ when a run is resumed and never tells two runs apart in a report."""
+    return dataclasses.field(default=default, metadata={"help": help, "neutral": neutral, "short": short,
+                                                        "choices": choices})
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A `--dataset` value: a catalog name (cifar10, ...) or PREFIX:PATH for data the user brings."""
+
+    kind: str  # "catalog" or one of PREFIXES
+    name: str  # the catalog name, or the path as given
+
+    PREFIXES = ("folder",)
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in cls.PREFIXES:
+            if not rest:
+                raise UserError(f"--dataset {text}: give a path after '{prefix}:', e.g. {prefix}:~/data/flowers")
+            return cls(prefix, rest)
+        if sep and len(prefix) > 1:  # a Windows drive letter is no prefix, but nothing else is
+            raise UserError(f"--dataset {text}: unknown prefix '{prefix}:'; use "
+                            + ", ".join(f"{p}:PATH" for p in cls.PREFIXES) + " or a dataset name")
+        if not text:
+            raise UserError("--dataset is empty: give a dataset name (e.g. cifar10) or folder:PATH")
+        return cls("catalog", text)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name).expanduser()
+
+    def canonical(self) -> str:
+        """As config.json records it: user data by absolute path, so a run read from any directory names
+        the same data."""
+        return self.name if self.kind == "catalog" else f"{self.kind}:{self.path.resolve()}"
+
+    def short_name(self) -> str:
+        """For run names and reports: the catalog name, or the data's own directory or file name."""
+        if self.kind == "catalog":
+            return self.name
+        return Path(self.name.rstrip("/")).name or self.kind
+
+    def moved_to(self, new_path: str) -> "DatasetSpec":
+        """The same kind of dataset at another path (`--data-dir` for a run whose data moved)."""
+        return self if self.kind == "catalog" else DatasetSpec(self.kind, new_path)
+
+
+def canonical_dataset(text: str) -> str:
+    return DatasetSpec.parse(text).canonical()
+
+
+# ------------------------------------------------------------------------------------ the options
+
 @dataclass
 class RunConfig:
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    model: str = "resnet50"
-    pretrained: bool | None = None  # None: pretrained for transfer strategies, random for `scratch`
-    weights: str | None = None
-    strategy: str = "two-phase"
-    head_epochs: int = 1
-    unfreeze_lr_scale: float = 0.1
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | None = None  # None: chosen from optimizer and strategy, recorded resolved
-    optimizer: str = "adamw"
-    weight_decay: float | None = None
-    warmup_epochs: float | None = None
-    label_smoothing: float = 0.1
-    image_size: int | None = None  # None: the weights' own input resolution
-    augment: bool = True
-    bn_frozen: bool = False
-    val_fraction: float = 0.1
-    train_subset: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 4
-    amp: bool | None = None  # None: on for CUDA, never on CPU
-    channels_last: bool = True
-    compile: bool = False
-    feature_cache: bool | None = None  # None: on for linear-probe without augmentation
-    output_dir: str = "runs"
-    name: str | None = None
+    dataset: str = option("cifar10", "cifar10, cifar100, or folder:PATH with PATH/train/<class>/* and PATH/test/<class>/*")
+    data_dir: str | None = option(None, "where CIFAR pickles live / are downloaded (default $TRANSFERBENCH_DATA or "
+                                        "~/.cache/transferbench/data)", neutral=True)
+    model: str = option("resnet50", "simple_cnn, a torchvision or timm model name; tv:NAME / timm:NAME force one library")
+    pretrained: bool | None = option(None, "load ImageNet weights the library's standard way (download + cache); "
+                                           "default on except for scratch")
+    weights: str | None = option(None, "local state dict for the backbone (classifier keys are dropped, every other "
+                                       "key must match)")
+    strategy: str = option("two-phase", "zero-shot, linear-probe, full, last-n:K, two-phase or scratch")
+    head_epochs: int = option(1, "two-phase: epochs that train the head alone")
+    unfreeze_lr_scale: float = option(0.1, "two-phase: learning-rate scale once everything trains")
+    epochs: int = option(10)
+    batch_size: int = option(128, short=("-b",))
+    lr: float | None = option(None, "peak learning rate (default: by optimizer and strategy, recorded in config.json)")
+    optimizer: str = option("adamw", choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, "default 0.05 adamw, 5e-4 sgd, 0 adam; never on biases and norm "
+                                              "parameters", short=("--wd",))
+    warmup_epochs: float | None = option(None, "linear warmup before the cosine decay, per phase (default 1 when "
+                                               "epochs >= 5, else 0)")
+    label_smoothing: float = option(0.1)
+    image_size: int | None = option(None, "input resolution (default: the weights' own, e.g. 224)")
+    augment: bool = option(True, "random crop with padding + horizontal flip, in batches on the device")
+    bn_frozen: bool = option(False, "BatchNorm layers keep their pretrained running statistics while they train "
+                                    "(small data, small batches)")
+    val_fraction: float = option(0.1, "stratified validation split carved from train, used for model selection")
+    train_subset: int | None = option(None, "train on a stratified subset of N images")
+    seed: int = option(0)
+    device: str = option("auto", neutral=True, choices=DEVICES)
+    workers: int = option(4, "threads for decoding image folders", neutral=True, short=("-j",))
+    amp: bool | None = option(None, "mixed precision (CUDA only; never on CPU)")
+    channels_last: bool = option(True, neutral=True)
+    compile: bool = option(False, "torch.compile the model (rebuilt at each phase boundary)", neutral=True)
+    feature_cache: bool | None = option(None, "linear-probe: train the head on cached backbone features (default when "
+                                              "augmentation is off)")
+    output_dir: str = option("runs", "parent of the run directory", neutral=True)
+    name: str | None = option(None, "run directory name (default <dataset>-<model>-<strategy>-s<seed>)", neutral=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in names]
+        unknown = [k for k in d if k not in FIELDS]
         if unknown:
             k = unknown[0]
-            raise UserError(f"{source}: unknown option '{k}'.{did_you_mean(k, names)}")
+            raise UserError(f"{source}: unknown option '{k}'.{did_you_mean(k, FIELDS)}")
         return cls(**d)
 
     def validate(self) -> None:
-        from .strategies import parse_strategy
-
-        parse_strategy(self.strategy)
+        """Every value on its own and together: the one place a configuration is checked (run and study)."""
+        strategy = parse_strategy(self.strategy)
+        DatasetSpec.parse(self.dataset)
+        for name in FIELDS:  # NaN and infinity pass every comparison below, so they go first
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{flag(name)} must be a finite number, got {value}")
         checks = [
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -77,47 +156,55 @@ class RunConfig:
             (self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got {self.train_subset}"),
             (self.image_size is None or self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.head_epochs >= 1, f"--head-epochs must be >= 1, got {self.head_epochs}"),
             (self.unfreeze_lr_scale > 0, f"--unfreeze-lr-scale must be > 0, got {self.unfreeze_lr_scale}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"unknown --device '{self.device}'; choose one of {', '.join(DEVICES)}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.name is None or bool(self.name.strip()), "--name is empty: give a directory name, or leave it out"),
+            (self.name is None or "/" not in self.name and self.name not in (".", ".."),
+             f"--name {self.name!r} must be a plain directory name (no '/'); choose --output-dir for the parent"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        if self.strategy == "two-phase" and self.epochs <= self.head_epochs:
+        if strategy.phased and self.epochs <= self.head_epochs:
             raise UserError(
-                f"two-phase trains the head for --head-epochs {self.head_epochs}, then everything: "
+                f"{strategy.name} trains the head for --head-epochs {self.head_epochs}, then everything: "
                 f"--epochs must be larger than that, got {self.epochs}"
             )
-        if self.strategy == "scratch" and (self.pretrained or self.weights):
-            raise UserError("strategy 'scratch' trains from random initialisation: drop --pretrained/--weights")
-        if self.bn_frozen and self.strategy == "scratch":
-            raise UserError("--bn-frozen keeps pretrained BatchNorm statistics; strategy 'scratch' has none to keep")
+        if strategy.from_scratch and (self.pretrained or self.weights):
+            raise UserError(f"strategy '{strategy.name}' trains from random initialisation: drop --pretrained/--weights")
+        if self.bn_frozen and strategy.from_scratch:
+            raise UserError(f"--bn-frozen keeps pretrained BatchNorm statistics; strategy '{strategy.name}' has none to keep")
         if self.weights and self.pretrained:
             raise UserError("give either --pretrained (download) or --weights FILE (local), not both")
-        if self.weights and not Path(self.weights).expanduser().is_file():
-            raise UserError(f"--weights: no such file '{self.weights}'")
+        if self.weights:
+            path = Path(self.weights).expanduser()
+            if not path.exists():
+                raise UserError(f"--weights: no such file '{self.weights}'")
+            if not path.is_file():
+                raise UserError(f"--weights {self.weights} is a directory; give the state-dict file inside it (.pth/.pt)")
 
     def resolved(self) -> "RunConfig":
         """Fill every default that depends on other options, so config.json says what actually ran."""
-        from .strategies import parse_strategy
-
         self.validate()
         c = dataclasses.replace(self)
-        kind = parse_strategy(c.strategy).kind
+        strategy = parse_strategy(c.strategy)
         if c.weights:
             c.weights = str(Path(c.weights).expanduser().resolve())
         c.dataset = canonical_dataset(c.dataset)  # so evaluate / export work from any directory later
         if c.pretrained is None:
-            c.pretrained = kind != "scratch" and not c.weights and c.model != "simple_cnn"
-        if kind == "zero-shot":
+            c.pretrained = not strategy.from_scratch and not c.weights and c.model != "simple_cnn"
+        if not strategy.trains:
             c.epochs = 0
         if c.lr is None:
-            head_only = kind in ("linear-probe", "two-phase", "scratch")
-            c.lr = {"sgd": 0.1 if head_only else 0.01}.get(c.optimizer, 1e-3 if head_only else 1e-4)
+            head_tier = strategy.lr_tier == "head"
+            c.lr = {"sgd": 0.1 if head_tier else 0.01}.get(c.optimizer, 1e-3 if head_tier else 1e-4)
         if c.weight_decay is None:
             c.weight_decay = {"sgd": 5e-4, "adam": 0.0}.get(c.optimizer, 0.05)
         if c.warmup_epochs is None:
@@ -127,11 +214,28 @@ class RunConfig:
         return c
 
 
-def canonical_dataset(spec: str) -> str:
-    """`folder:` datasets by absolute path, so a run found from any directory names the same data."""
-    if spec.startswith("folder:"):
-        return "folder:" + str(Path(spec[len("folder:"):]).expanduser().resolve())
-    return spec
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+NEUTRAL: frozenset[str] = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["neutral"])
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(the field's type, whether it may be None): `int | None` -> (int, True)."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Options whose values change the result and differ between a recorded configuration and a new one.
+    A value not decided yet (None in `new`) or not recorded (older files) is no difference."""
+    return [k for k, v in new.items() if k not in NEUTRAL and v is not None and k in saved and saved[k] != v]
 
 
 def slug(text: str, empty: str = "run") -> str:
@@ -140,9 +244,6 @@ def slug(text: str, empty: str = "run") -> str:
 
 
 def default_run_name(c: RunConfig) -> str:
-    dataset = c.dataset
-    if dataset.startswith("folder:"):
-        dataset = Path(dataset[len("folder:"):].rstrip("/")).name or "folder"
     model = c.model.split(":", 1)[-1]
     strategy = c.strategy.replace(":", "")
-    return f"{slug(dataset)}-{slug(model)}-{slug(strategy)}-s{c.seed}"
+    return f"{slug(DatasetSpec.parse(c.dataset).short_name())}-{slug(model)}-{slug(strategy)}-s{c.seed}"

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import cache_dir, default_data_dir
+from . import distributed
+from .config import DatasetSpec, cache_dir, default_data_dir
 from .errors import UserError, did_you_mean
 from .rundir import atomic_torch_save, file_digest
 
-DATASETS = ("cifar10", "cifar100", "folder:PATH")
+BUILTIN = ("cifar10", "cifar100")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -130,21 +132,43 @@ def _list_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
+def image_array(im, size: int | None) -> np.ndarray:
+    """A PIL image as an (H, W, 3) uint8 RGB array, upright, at size x size when size is given.
+
+    EXIF orientation is applied (phones store portrait photos sideways); 16-bit and float images are
+    scaled to 8 bits by their range, not clipped (PIL's convert("RGB") turns 16-bit mid-grey white);
+    palette, grayscale and alpha images become RGB. Resizing is shorter side to `size`, then a centre
+    crop: the torchvision eval convention.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif im.mode == "I":  # how PIL opens some 16-bit files: 8-bit data stays 8-bit
+            top = 65535.0 if arr.max() > 255 else 255.0
+        else:  # "F": [0, 1] floats, or any other range by its maximum
+            top = max(float(arr.max()), 1.0)
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    im = im.convert("RGB")
+    if size is not None and im.size != (size, size):
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top_ = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top_, left + size, top_ + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _decode(path: Path, size: int | None) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                # Shorter side to `size`, then centre crop: the torchvision eval convention.
-                w, h = im.size
-                s = size / min(w, h)
-                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8)
+            return image_array(im, size)
     except Exception as err:
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
 
@@ -214,12 +238,24 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
     return (ImageSet(images[:n], labels[:n], train_classes), ImageSet(images[n:], labels[n:], test_classes))
 
 
-def load_dataset(spec: str, data_dir: str | None, *, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
-    if spec.startswith("folder:"):
-        return load_folder(Path(spec[len("folder:"):]), storage_size, workers)
-    if spec in ("cifar10", "cifar100"):
-        return load_cifar(spec, Path(data_dir).expanduser() if data_dir else default_data_dir())
-    raise UserError(f"unknown dataset '{spec}'; choose cifar10, cifar100 or folder:PATH.{did_you_mean(spec, ['cifar10', 'cifar100'])}")
+def check_dataset(text: str) -> DatasetSpec:
+    """A dataset that can be loaded: a known name, or user data that exists. Checked before a run or a
+    study starts, without reading any image."""
+    spec = DatasetSpec.parse(text)
+    if spec.kind == "catalog" and spec.name not in BUILTIN:
+        raise UserError(f"unknown dataset '{spec.name}'; choose {', '.join(BUILTIN)} or folder:PATH."
+                        f"{did_you_mean(spec.name, BUILTIN)}")
+    if spec.kind == "folder" and not spec.path.is_dir():
+        raise UserError(f"dataset folder {spec.path} does not exist (relative paths are from the current "
+                        f"directory, {Path.cwd()})")
+    return spec
+
+
+def load_dataset(text: str, data_dir: str | None, *, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
+    spec = check_dataset(text)
+    if spec.kind == "folder":
+        return load_folder(spec.path, storage_size, workers)
+    return load_cifar(spec.name, Path(data_dir).expanduser() if data_dir else default_data_dir())
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -264,6 +300,23 @@ def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_s
 
 # ------------------------------------------------------------------------------------ preprocessing
 
+@dataclass(frozen=True)
+class DataConfig:
+    """How a model's weights expect their input: resolution, normalisation, resampling filter."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
+
+
 class Preprocess:
     """uint8 batch -> normalised float batch at the model's resolution, augmented if asked.
 
@@ -277,6 +330,10 @@ class Preprocess:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @classmethod
+    def build(cls, data_config: DataConfig, image_size: int, device: torch.device, channels_last: bool) -> "Preprocess":
+        return cls(image_size, data_config.mean, data_config.std, data_config.interpolation, device, channels_last)
 
     @staticmethod
     def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -324,3 +381,30 @@ def batch_indices(n: int, batch_size: int, *, shuffle: bool, generator: torch.Ge
         if len(local):
             out.append(local)
     return out
+
+
+@dataclass
+class Batches:
+    """A split on the training device: uint8 images (or cached features) plus how to prepare them."""
+
+    data: ImageSet
+    prep: Preprocess | None  # None: inputs are already model-ready (cached features)
+    device: torch.device
+
+    def __post_init__(self):
+        # Small enough datasets live on the accelerator for the whole run: no per-batch copies.
+        if self.device.type == "cuda" and self.data.images.numel() < 4 << 30:
+            self.data = ImageSet(self.data.images.to(self.device), self.data.labels.to(self.device), self.data.classes)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def iterate(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
+                generator: torch.Generator | None = None, aug_generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in batch_indices(len(self.data), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                                 rank=distributed.rank(), world_size=distributed.world_size()):
+            idx = idx.to(self.data.images.device)
+            x = self.data.images[idx].to(self.device, non_blocking=True)
+            y = self.data.labels[idx].to(self.device, non_blocking=True)
+            yield (self.prep(x, augment, aug_generator) if self.prep else x), y

@@ -18,18 +18,25 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import rundir
+from .data import Preprocess, stratified_subset
 from .errors import UserError
+from .finished import FinishedRun, load_finished_run
+from .host import cpu_name
 from .rundir import file_digest
+
+# onnx, onnxruntime and onnxscript are an optional extra (transferbench[export]): imported where used.
 
 FORMATS = ("onnx",)
 QUANTIZE = ("int8",)
@@ -40,94 +47,34 @@ VERIFY_IMAGES = 32
 METADATA_KEY = "transferbench.contract"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (with model.pt)")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="export format (default: onnx)")
-    parser.add_argument("--out", default=None, metavar="FILE",
-                        help="output file (default RUN_DIR/model.onnx, or RUN_DIR/model.int8.onnx with --quantize int8); "
-                             "the preprocessing contract and the report go to FILE.json")
-    parser.add_argument("--quantize", default=None, choices=QUANTIZE,
-                        help="int8: static quantization calibrated on the run's training images, then evaluated "
-                             "beside the float model on the test split")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.add_argument("--calibration-images", type=int, default=512, metavar="N",
-                        help="--quantize: training images that calibrate activation ranges (default: 512)")
-    parser.add_argument("--batch-size", type=int, default=64, help="evaluation and timing batch size (default: 64)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime intra-op threads for evaluation and timing (default: onnxruntime's choice)")
-    parser.add_argument("--data-dir", default=None,
-                        help="where the run's data lives now, if not where it was trained from: the CIFAR directory, "
-                             "or the image folder of a folder: dataset (a relative folder: path is relative to where "
-                             "the run was started)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def command(args) -> int:
-    report = export_run(args.run_dir, out=args.out, quantize=args.quantize, overwrite=args.overwrite,
-                        calibration_images=args.calibration_images, batch_size=args.batch_size, threads=args.threads,
-                        data_dir=args.data_dir, progress=args.progress)
-    print(format_report(report))
-    return 0
-
-
 # ------------------------------------------------------------------------------------------- the run
 
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    saved: dict
-    cfg: Any  # RunConfig
-    model: Any  # torch.nn.Module, eval mode, float32, on the CPU
-    classes: list[str]
-    image_size: int
-    data_config: dict
+def load_run(run_dir: str | Path) -> FinishedRun:
+    """The fine-tuned model of a finished run, rebuilt from model.pt on the CPU, float32, in eval mode."""
+    run = load_finished_run(run_dir)
+    run.model.float().eval()
+    return run
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """The fine-tuned model of a finished run, rebuilt from model.pt on the CPU."""
-    from .training import load_finished_run
-
-    saved, cfg, bundle = load_finished_run(run_dir)
-    return LoadedRun(Path(run_dir).expanduser(), saved, cfg, bundle.model.float().eval(), list(saved["classes"]),
-                     int(saved["image_size"]), dict(saved["data_config"]))
-
-
-def _splits(run: LoadedRun, data_dir: str | None):
-    """The run's own splits (same seed, validation fraction and subset): calibration never sees a test image."""
-    from .data import make_splits
-    from .training import load_run_data
-
-    cfg = run.cfg
-    train, test = load_run_data(run.saved, cfg, data_dir)
-    return make_splits(train, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
-
-
-def _preprocess(run: LoadedRun):
-    import torch
-
-    from .data import Preprocess
-
-    dc = run.data_config
-    return Preprocess(run.image_size, dc["mean"], dc["std"], dc["interpolation"], torch.device("cpu"), channels_last=False)
+def _preprocess(run: FinishedRun) -> Preprocess:
+    return run.preprocess(torch.device("cpu"), channels_last=False)
 
 
 def _prepared(prep, images):
     """uint8 (N, 3, H, W) -> the graph's input: float32 NCHW, C-contiguous, normalised, as a numpy array."""
-    import numpy as np
-
     return np.ascontiguousarray(prep(images).numpy(), dtype=np.float32)
 
 
-def contract(run: LoadedRun) -> dict:
+def contract(run: FinishedRun) -> dict:
     """How to feed the exported graph and read its output."""
     dc, size = run.data_config, run.image_size
     return {
         "input": {
             "name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, size, size],
-            "size": size, "color": "RGB", "interpolation": dc["interpolation"],
-            "mean": list(dc["mean"]), "std": list(dc["std"]),
+            "size": size, "color": "RGB", "interpolation": dc.interpolation,
+            "mean": list(dc.mean), "std": list(dc.std),
             "normalisation": "RGB values scaled to [0, 1], then (x - mean) / std per channel",
-            "resize": f"whole image resized to {size}x{size} ({dc['interpolation']}, antialiased when shrinking), as in "
+            "resize": f"whole image resized to {size}x{size} ({dc.interpolation}, antialiased when shrinking), as in "
                       f"training; folders of mixed image sizes were first resized on the shorter side and centre-cropped",
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(run.classes)],
@@ -140,8 +87,6 @@ def contract(run: LoadedRun) -> dict:
 
 def _export(model, example, path: Path, exporter: str) -> None:
     """torch.onnx.export with a dynamic batch dimension."""
-    import torch
-
     if exporter == "dynamo":
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -175,16 +120,12 @@ def _session(path: Path, threads: int | None = None):
 
 
 def _run_batches(session, x, batch_size: int):
-    import numpy as np
-
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
 
 
 def compare(session, x, reference, batch_sizes: tuple[int, ...]) -> dict:
     """Run the graph on x at each batch size and compare its logits with the reference (PyTorch) logits."""
-    import numpy as np
-
     tol = RTOL * max(1.0, float(np.abs(reference).max()))
     top = reference.argmax(1)
     rows = np.arange(len(top))
@@ -207,11 +148,8 @@ def compare(session, x, reference, batch_sizes: tuple[int, ...]) -> dict:
     return result
 
 
-def _verification_inputs(run: LoadedRun, test, prep):
+def _verification_inputs(run: FinishedRun, test, prep):
     """Up to VERIFY_IMAGES test images spread over the split (so every class, as splits are sorted by class)."""
-    import numpy as np
-    import torch
-
     idx = np.unique(np.linspace(0, len(test) - 1, min(len(test), VERIFY_IMAGES)).round().astype(int))
     x = _prepared(prep, test.images[torch.as_tensor(idx)])
     with torch.inference_mode():
@@ -219,11 +157,9 @@ def _verification_inputs(run: LoadedRun, test, prep):
     return x, reference
 
 
-def export_verified(run: LoadedRun, x, reference, path: Path, meta: dict) -> tuple[str, dict]:
+def export_verified(run: FinishedRun, x, reference, path: Path, meta: dict) -> tuple[str, dict]:
     """Export to path and verify it at two batch sizes: the dynamo exporter, else the TorchScript one.
     Returns (exporter, verification); raises UserError when neither gives a graph that passes."""
-    import torch
-
     example = torch.from_numpy(x[:2].copy())
     failures = []
     for exporter in ("dynamo", "torchscript"):
@@ -252,8 +188,13 @@ def quantize_int8(float_path: Path, out_path: Path, calibration, prep, work: Pat
     (AVX2 only) add pairs of products in int16, which saturates with full-range weights. On such a CPU, 8-bit
     weights cost EfficientNet-Lite0 5 points of CIFAR-10 accuracy and took MobileNetV2 to near chance; 7-bit
     weights run at the same speed without that loss (figures in the README)."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -285,8 +226,6 @@ def quantize_int8(float_path: Path, out_path: Path, calibration, prep, work: Pat
 def evaluate_sessions(sessions: dict, test, prep, batch_size: int, progress: bool) -> dict:
     """Accuracy, predictions and images/s of each session over the whole test split. The sessions take each
     batch in turn (so a busy machine slows them alike); only session.run is timed, after a warmup."""
-    import numpy as np
-
     first = _prepared(prep, test.images[:batch_size])
     for s in sessions.values():
         for _ in range(2):
@@ -295,8 +234,6 @@ def evaluate_sessions(sessions: dict, test, prep, batch_size: int, progress: boo
     seconds = dict.fromkeys(sessions, 0.0)
     starts = range(0, len(test), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="evaluating", leave=False, file=sys.stderr)
     for i in starts:
         x = _prepared(prep, test.images[i:i + batch_size])
@@ -346,7 +283,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out to choose another file")
     run = load_run(run_dir)
-    splits = _splits(run, data_dir)
+    splits = run.splits(data_dir)
     prep = _preprocess(run)
     x, reference = _verification_inputs(run, splits.test, prep)
 
@@ -366,8 +303,6 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
         info["verification"] = {"against": "the PyTorch model of model.pt, on test images preprocessed as in evaluation",
                                 **verification}
         if quantize == "int8":
-            from .data import stratified_subset
-
             train = splits.train
             calib = train.subset(stratified_subset(train.labels, min(calibration_images, len(train)), run.cfg.seed))
             int8 = work / "model.int8.onnx"
@@ -389,7 +324,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
             f32, i8 = results["float32"], results["int8"]
             info["evaluation"] = {
                 "test_images": len(splits.test), "batch_size": batch_size, "threads": threads or "onnxruntime default",
-                "cpu_count": os.cpu_count(), "processor": _cpu_name(), "pytorch_recorded_test_acc": run.saved.get("test_acc"),
+                "cpu_count": os.cpu_count(), "processor": cpu_name(), "pytorch_recorded_test_acc": run.saved.get("test_acc"),
                 "float32": {"test_acc": f32["test_acc"], "images_per_s": f32["images_per_s"],
                             "size_mib": final.stat().st_size / 2**20},
                 "int8": {"test_acc": i8["test_acc"], "images_per_s": i8["images_per_s"], "size_mib": int8.stat().st_size / 2**20},
@@ -400,10 +335,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
             final = int8
         info["sha256"] = file_digest(final, "sha256")
         info["size_bytes"] = final.stat().st_size
-        from .rundir import atomic_write_json
-
         # The contract first, then the model: whenever the new model file exists, its contract is beside it.
-        atomic_write_json(report_path(out), info)
+        rundir.atomic_write_json(report_path(out), info)
         os.replace(final, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -414,20 +347,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
 def _versions() -> dict:
     import onnx
     import onnxruntime
-    import torch
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_report(info: dict) -> str:

@@ -12,10 +12,11 @@ import sys
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import rundir
 from .config import RunConfig, cache_dir
-from .data import ImageSet, Preprocess, Splits
+from .data import Batches, ImageSet, Preprocess, Splits
 from .errors import UserError
 from .models import ModelBundle
 from .strategies import Strategy
@@ -24,9 +25,9 @@ KEY_VERSION = "features-v1"
 
 
 def use_feature_cache(cfg: RunConfig, strategy: Strategy) -> bool:
-    if cfg.feature_cache and strategy.kind != "linear-probe":
+    if cfg.feature_cache and not strategy.can_cache_features:
         raise UserError(f"--feature-cache only applies to strategy linear-probe, not '{cfg.strategy}'")
-    if strategy.kind != "linear-probe":
+    if not strategy.can_cache_features:
         return False
     if cfg.feature_cache and cfg.augment:
         raise UserError("--feature-cache and augmentation do not mix (cached features are of un-augmented images): "
@@ -58,8 +59,6 @@ def feature_key(bundle: ModelBundle, prep: Preprocess, model_name: str, split: I
 def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, device: torch.device,
                      batch_size: int, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """The classifier's input for every image, backbone in eval mode: (N, D) float32 on the CPU."""
-    from tqdm import tqdm
-
     model = bundle.model
     head = model.get_submodule(bundle.head)
     captured: list[torch.Tensor] = []
@@ -91,8 +90,6 @@ def cached_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, mode
 def cached_head_training_inputs(bundle: ModelBundle, splits: Splits, prep: Preprocess, cfg: RunConfig,
                                 device: torch.device, progress: bool = True):
     """Batches of cached features for train / val / test, and the module that trains on them (the head)."""
-    from .training import Batches
-
     sets = [cached_features(bundle, s, prep, cfg.model, device, cfg.batch_size * 2, f"features ({name})", progress)
             for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))]
     head: nn.Module = bundle.model.get_submodule(bundle.head)

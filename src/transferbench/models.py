@@ -5,26 +5,16 @@ classifier module (what "head" means to every strategy), and the preprocessing c
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+import torchvision.models as tvm
 from torch import nn
 
+from .data import DataConfig
 from .errors import UserError, did_you_mean
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How the weights expect their input: resolution, normalisation, resampling filter."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -57,8 +47,6 @@ class SimpleCNN(nn.Module):
 
 
 def _torchvision_names() -> list[str]:
-    import torchvision.models as tvm
-
     return tvm.list_models(module=tvm)
 
 
@@ -71,8 +59,6 @@ def resolve_name(name: str) -> tuple[str, str]:
         if rest not in _torchvision_names():
             raise UserError(f"unknown torchvision model '{rest}'.{did_you_mean(rest, _torchvision_names())}")
         return "torchvision", rest
-    import timm
-
     if sep and prefix == "timm":
         if not timm.is_model(rest):
             raise UserError(f"unknown timm model '{rest}'.{did_you_mean(rest, timm.list_models())}")
@@ -107,16 +93,12 @@ def _download_error(arch: str, err: Exception) -> UserError:
 
 
 def _torchvision_data_config(arch: str) -> DataConfig:
-    import torchvision.models as tvm
-
     preset = tvm.get_model_weights(arch).DEFAULT.transforms()
     crop = preset.crop_size[0] if isinstance(preset.crop_size, (list, tuple)) else preset.crop_size
     return DataConfig(int(crop), tuple(preset.mean), tuple(preset.std), preset.interpolation.value)
 
 
 def _timm_data_config(arch: str) -> DataConfig:
-    import timm
-
     cfg = timm.data.resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(arch).to_dict())
     return DataConfig(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
 
@@ -130,8 +112,6 @@ def data_config(name: str) -> DataConfig:
 
 
 def _torchvision(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
-    import torchvision.models as tvm
-
     try:
         model = tvm.get_model(arch, weights=tvm.get_model_weights(arch).DEFAULT if pretrained else None)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad download raises RuntimeError
@@ -140,8 +120,6 @@ def _torchvision(arch: str, pretrained: bool, image_size: int | None) -> ModelBu
 
 
 def _timm(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
-    import timm
-
     kwargs = {}
     cfg = timm.get_pretrained_cfg(arch)
     if image_size and cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:

@@ -1,4 +1,4 @@
-"""Figures and reports from run records: `transferbench report DIR [--out DIR]`.
+"""Reports from run records: `transferbench report DIR [--out DIR]`.
 
 Every finished run under DIR (a directory with config.json, summary.json and metrics.jsonl), at any
 depth, goes into three files written atomically to the output directory:
@@ -11,10 +11,7 @@ depth, goes into three files written atomically to the output directory:
 
 Runs that belong to a study (a parent directory holds the study.json `transferbench study` writes)
 are grouped by study; runs that differ only in their seed form one table row. A plot is drawn only
-when the runs vary along its axis: learning curves (at least one run of two or more epochs), accuracy
-vs unfrozen parameter tensors (last-n:K; linear-probe counts as the head's 2 tensors, zero-shot as 0),
-vs training-set size, vs input resolution (each only where one configuration was run at two or more
-values), and vs training time (two or more trained configurations).
+when the runs vary along its axis (see `plots`).
 """
 from __future__ import annotations
 
@@ -22,484 +19,36 @@ import base64
 import csv
 import html
 import io
-import json
-import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from . import rundir  # noqa: E402
-from .config import slug  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .study import STUDY_RECORD  # noqa: E402  (what `transferbench study` writes in a study's directory)
+from . import plots, rundir
+from .config import slug
+from .errors import UserError
+from .results import (
+    COLUMN_NAMES,
+    TRAINING_ONLY,
+    Group,
+    Run,
+    StudyInfo,
+    dataset_label,
+    fmt_setting,
+    group_label,
+    group_runs,
+    load_runs,
+    pct,
+    references_for,
+    selection_results,
+    unfinished_runs,
+    varying_keys,
+)
 
 PLOTS_DIR = "report-plots"
-# Options that say where or how fast a run ran, not what it computed: never a reason to tell runs apart.
-NOT_SETTINGS = ("seed", "name", "output_dir", "device", "workers", "data_dir", "compile", "channels_last")
-KNOWN_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-COLUMN_NAMES = {"image_size": "px", "train_subset": "train subset", "batch_size": "batch", "weight_decay": "wd",
-                "label_smoothing": "label smoothing", "warmup_epochs": "warmup", "head_epochs": "head epochs",
-                "unfreeze_lr_scale": "unfreeze lr x", "val_fraction": "val fraction", "feature_cache": "feature cache"}
 # results.csv: summary.json's figures; what summary.json says about how the run ran, beside the options asked for
 SUMMARY_COLUMNS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_time_s", "images_per_s",
                    "peak_memory_mb", "trainable_params", "total_params", "num_classes", "train_images",
                    "val_images", "test_images", "world_size")
 SUMMARY_RENAMED = {"device": "device_used", "feature_cache": "feature_cache_used", "augment": "augmented"}
-HEAD_TENSORS = 2  # a linear classifier's weight and bias: what linear-probe unfreezes
-
-
-def curves_figure(history: list[dict], title: str):
-    """Loss and accuracy per epoch, train and validation, side by side."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    trained = [h for h in history if h.get("train_loss") is not None]
-    epochs = [h["epoch"] for h in history]
-    if trained:
-        ax_loss.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
-        ax_acc.plot([h["epoch"] for h in trained], [h["train_acc"] for h in trained], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
-    ax_acc.plot(epochs, [h["val_acc"] for h in history], "s-", label="validation")
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------------ reading runs
-
-@dataclass(eq=False)
-class StudyInfo:
-    """A study.json: the study's runs in the file's order, its references and selection rules."""
-
-    name: str
-    dir: Path
-    description: str
-    variants: dict[str, str | None]  # run name in the study -> its variant
-    options: dict[str, dict]  # run name in the study -> the options the study file sets for it
-    references: list[dict]
-    selections: list[dict]
-    dataset_labels: dict[str, str]
-
-    @property
-    def order(self) -> list[str]:
-        return list(self.variants)
-
-
-@dataclass(eq=False)
-class Run:
-    dir: Path
-    name: str  # path relative to the report's root
-    config: dict
-    summary: dict
-    metrics: list[dict]
-    study: StudyInfo | None = None
-    in_study: str | None = None  # its name in the study: "VARIANT/RUN" or "RUN"
-
-    @property
-    def variant(self) -> str | None:
-        return self.study.variants.get(self.in_study) if self.study else None
-
-    @property
-    def settings(self) -> dict:
-        return {k: v for k, v in self.config.items() if k not in NOT_SETTINGS}
-
-
-def _read_study(path: Path) -> StudyInfo | None:
-    try:
-        doc = rundir.read_json(path)
-        runs = doc["runs"]
-        return StudyInfo(name=str(doc["name"]), dir=path.parent, description=doc.get("description") or "",
-                         variants={r["name"]: r.get("variant") for r in runs},
-                         options={r["name"]: dict(r.get("options") or {}) for r in runs},
-                         references=list(doc.get("references") or []), selections=list(doc.get("select") or []),
-                         dataset_labels=dict(doc.get("dataset_labels") or {}))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"warning: {path} is not a readable study record ({type(err).__name__}: {err}); its runs are reported "
-              f"without it", file=sys.stderr)
-        return None
-
-
-def _find_study(run_dir: Path, cache: dict[Path, StudyInfo | None]) -> tuple[StudyInfo | None, str | None]:
-    """The nearest study.json above a run that lists it."""
-    for parent in run_dir.parents:
-        record = parent / STUDY_RECORD
-        if record.is_file():
-            if parent not in cache:
-                cache[parent] = _read_study(record)
-            study = cache[parent]
-            name = run_dir.relative_to(parent).as_posix()
-            if study is not None and name in study.variants:
-                return study, name
-            return None, None
-    return None, None
-
-
-def load_runs(root: str | Path) -> list[Run]:
-    """Every finished run under root (recursively), each attached to its study where it has one."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise UserError(f"{root} is not a directory")
-    runs, studies = [], {}
-    for summary_path in sorted(root.rglob(rundir.SUMMARY)):
-        run_dir = summary_path.parent
-        try:
-            config = rundir.read_json(run_dir / rundir.CONFIG)
-            summary = rundir.read_json(summary_path)
-            metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
-            missing = [k for k in ("test_acc", "best_val_acc") if not isinstance(summary.get(k), (int, float))]
-            if missing:
-                raise ValueError(f"{rundir.SUMMARY} has no {missing[0]}")
-        except (OSError, ValueError, AttributeError) as err:
-            print(f"warning: skipping {run_dir}: not a complete run record ({type(err).__name__}: {err})", file=sys.stderr)
-            continue
-        study, in_study = _find_study(run_dir, studies)
-        name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
-        runs.append(Run(run_dir, name, config, summary, metrics, study, in_study))
-    return runs
-
-
-def unfinished_runs(root: str | Path) -> list[Path]:
-    """Run directories that were started and have not finished (no summary.json yet)."""
-    root = Path(root).expanduser().resolve()
-    return sorted(p.parent for p in root.rglob(rundir.CONFIG) if not (p.parent / rundir.SUMMARY).exists())
-
-
-# ------------------------------------------------------------------------------------ grouping
-
-@dataclass(eq=False)
-class Group:
-    """Runs of one study (and variant) that differ only in their seed."""
-
-    study: StudyInfo | None
-    variant: str | None
-    settings: dict
-    runs: list[Run]
-
-    def values(self, metric: str) -> list[float]:
-        return [r.summary[metric] for r in self.runs if r.summary.get(metric) is not None]
-
-    def mean(self, metric: str) -> float | None:
-        v = self.values(metric)
-        return statistics.fmean(v) if v else None
-
-    def std(self, metric: str) -> float | None:
-        v = self.values(metric)
-        return statistics.stdev(v) if len(v) >= 2 else None
-
-    def get(self, key: str) -> Any:
-        return self.variant if key == "variant" else self.settings.get(key)
-
-    @property
-    def key(self) -> str:
-        return _group_key(self.runs[0])
-
-    @property
-    def declared(self) -> dict:
-        """The options its study file sets for it (all its settings outside a study)."""
-        run = self.runs[0]
-        return run.study.options.get(run.in_study, self.settings) if run.study else self.settings
-
-    @property
-    def kind(self) -> str:
-        return str(self.settings.get("strategy", "")).partition(":")[0]
-
-    @property
-    def trained(self) -> bool:
-        return self.kind != "zero-shot" and bool(self.settings.get("epochs"))
-
-
-def _key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _group_key(run: Run) -> str:
-    return _key([id(run.study), run.variant, run.settings])
-
-
-def group_runs(runs: list[Run]) -> list[Group]:
-    """Seeds of one configuration together; in the study file's order, else by model and strategy."""
-    groups: dict[str, Group] = {}
-    for run in runs:
-        key = _group_key(run)
-        if key not in groups:
-            groups[key] = Group(run.study, run.variant, run.settings, [])
-        groups[key].runs.append(run)
-
-    def order(g: Group):
-        if g.study is not None:
-            index = {n: i for i, n in enumerate(g.study.order)}
-            return (0, min(index.get(r.in_study, len(index)) for r in g.runs), "")
-        return (1, 0, _key([g.settings.get("dataset"), g.settings.get("model"), g.settings.get("strategy"), g.settings]))
-    return sorted(groups.values(), key=order)
-
-
-def varying_keys(groups: list[Group], declared: bool = False) -> list[str]:
-    """Settings that differ between groups (in RunConfig order), plus 'variant' where there are several.
-    declared: only the options a study file sets, compared as it sets them: what tells its runs apart,
-    not the defaults that follow from them (a linear probe's learning rate)."""
-    of = (lambda g: g.declared) if declared else (lambda g: g.settings)  # noqa: E731
-    keys: list[str] = []
-    for g in groups:
-        keys += [k for k in of(g) if k not in keys and k not in NOT_SETTINGS]
-    out = [k for k in keys if len({_key(of(g).get(k)) for g in groups}) > 1]
-    if len({g.variant for g in groups}) > 1:
-        out.insert(0, "variant")
-    return out
-
-
-def fmt_setting(key: str, value: Any) -> str:
-    if value is None:
-        return {"train_subset": "all", "weights": "none"}.get(key, "default")
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if key == "weights":
-        return Path(str(value)).name
-    return str(value)
-
-
-LABEL_FORMATS = {"image_size": "{} px", "epochs": "{} epochs", "train_subset": "{} train images"}
-
-
-def group_label(g: Group, keys: Iterable[str]) -> str:
-    """'last-n:12 128 px lr 0.001': the group's values of the given settings, for legends and answers."""
-    parts = []
-    keys = list(keys)
-    for k in keys:
-        v = g.get(k)
-        if k == "variant" and "strategy" in keys and str(g.get("strategy")).startswith(str(v)):
-            continue  # variants named after their strategy ('last-n' for last-n:14) say nothing more
-        if k in ("variant", "model", "strategy"):
-            parts.append(str(v))
-        elif k == "dataset":
-            parts.append(dataset_label(str(v), g.study))
-        elif not (g.kind == "zero-shot" and k in TRAINING_ONLY):
-            fmt = LABEL_FORMATS.get(k, COLUMN_NAMES.get(k, k.replace("_", " ")) + " {}")
-            parts.append(fmt.format(fmt_setting(k, v)))
-    return " ".join(parts)
-
-
-def dataset_label(spec: str, study: StudyInfo | None = None, labels: dict[str, str] | None = None) -> str:
-    """A dataset's name for people: what the user or the study calls it, else CIFAR-10 / the folder's name."""
-    from .config import canonical_dataset
-
-    for source in (labels or {}, study.dataset_labels if study else {}):
-        for key, label in source.items():
-            if canonical_dataset(key) == canonical_dataset(spec):  # study files may give relative paths
-                return label
-    if spec in KNOWN_DATASETS:
-        return KNOWN_DATASETS[spec]
-    if spec.startswith("folder:"):
-        return Path(spec[len("folder:"):].rstrip("/")).name or spec
-    return spec
-
-
-# ------------------------------------------------------------------------------------ references, selections
-
-def references_for(g: Group) -> list[dict]:
-    if g.study is None:
-        return []
-    names = {r.in_study for r in g.runs}
-    return [ref for ref in g.study.references if names & set(ref.get("runs") or [])]
-
-
-def pct(x: float | None, std: float | None = None) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
-
-
-def selection_results(runs: list[Run]) -> list[dict]:
-    """Each study's "select on validation, then test" answer: among the rule's candidates (seeds of one
-    configuration averaged), the configuration with the best mean `by` figure, and its `report` figure."""
-    results = []
-    studies = list(dict.fromkeys(r.study for r in runs if r.study is not None))
-    for study in studies:
-        study_runs = [r for r in runs if r.study is study]
-        for sel in study.selections:
-            planned = list(sel.get("runs") or [])
-            by, report = sel.get("by", "best_val_acc"), sel.get("report", "test_acc")
-            candidates = group_runs([r for r in study_runs if r.in_study in set(planned)])
-            finished = sum(len(g.runs) for g in candidates)
-            result = {"study": study.name, "study_info": study, "name": sel.get("name", "selection"), "by": by, "report": report,
-                      "planned": len(planned), "finished": finished, "configurations": len(candidates), "group": None}
-            if not candidates:
-                result["text"] = f"{study.name}: {result['name']}: none of its {len(planned)} candidate runs has finished"
-                results.append(result)
-                continue
-            best = max(candidates, key=lambda g: g.mean(by))  # the first of equals: the study file's order
-            label = group_label(best, varying_keys(candidates, declared=True) or ["model", "strategy"])
-            n = len(best.runs)
-            result.update(group=best, label=label, by_value=best.mean(by), value=best.mean(report), std=best.std(report),
-                          seeds=n)
-            text = (f"{study.name}: {result['name']}: {label} has the best {by} ({pct(best.mean(by))}%) of "
-                    f"{len(candidates)} configurations; its {report}: {pct(best.mean(report), best.std(report))}%"
-                    + (f" (mean over {n} seeds)" if n > 1 else ""))
-            for ref in references_for(best):
-                if ref.get("metric", "test_acc") == report:
-                    text += f"; published {ref['value']:.2f}% ({ref['label']})"
-            if finished < len(planned):
-                text += f" [only {finished} of {len(planned)} candidate runs have finished]"
-            result["text"] = text
-            results.append(result)
-    return results
-
-
-# ------------------------------------------------------------------------------------ plots
-
-@dataclass
-class Plot:
-    kind: str
-    title: str
-    png: bytes
-    file: str = ""  # under PLOTS_DIR, filled in when written
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _unfrozen(g: Group) -> float | None:
-    strategy = str(g.settings.get("strategy", ""))
-    if strategy.startswith("last-n:"):
-        return int(strategy.partition(":")[2])
-    return {"linear-probe": HEAD_TENSORS, "zero-shot": 0}.get(strategy)
-
-
-def _train_size(g: Group) -> float | None:
-    return g.mean("train_images") if g.trained else None
-
-
-def _resolution(g: Group) -> float | None:
-    return g.settings.get("image_size")
-
-
-# kind -> (x of a group, x-axis label, settings that identify a line, settings the axis itself stands for)
-AXES: dict[str, tuple[Callable[[Group], float | None], str, tuple[str, ...], tuple[str, ...]]] = {
-    "unfrozen": (_unfrozen, f"unfrozen parameter tensors K (last-n:K; linear-probe = {HEAD_TENSORS}, zero-shot = 0)",
-                 ("dataset", "model", "image_size"), ("strategy",)),
-    "train-size": (_train_size, "training images", ("dataset", "model", "strategy", "image_size"), ("train_subset",)),
-    "resolution": (_resolution, "input resolution (px)", ("dataset", "model", "strategy"), ("image_size",)),
-}
-TITLES = {"curves": "learning curves", "unfrozen": "accuracy vs unfrozen layers",
-          "train-size": "accuracy vs training-set size", "resolution": "accuracy vs input resolution",
-          "time": "accuracy vs training time"}
-TRAINING_ONLY = ("lr", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing", "augment", "train_subset",
-                 "batch_size", "head_epochs", "unfreeze_lr_scale", "feature_cache")
-
-
-def short_labels(groups: list[Group]) -> dict[int, str]:
-    """Each group named by what sets it apart from the others shown with it."""
-    keys = varying_keys(groups, declared=True) or ["model", "strategy"]
-    return {id(g): group_label(g, keys) for g in groups}
-
-
-def _lines(groups: list[Group], kind: str) -> tuple[dict[str, list[tuple[float, Group]]], list[str]]:
-    """Groups with a value on the axis, as lines of groups that agree on what identifies a line. Where
-    that leaves two groups at one x on a line, the variant, then every other difference, splits it."""
-    x_of, _, identity, axis_keys = AXES[kind]
-    points = [(x_of(g), g) for g in groups if x_of(g) is not None]
-    others = [k for k in varying_keys([g for _, g in points]) if k not in identity and k not in axis_keys]
-    for keys in (list(identity), ["variant", *identity], ["variant", *identity, *others]):
-        lines: dict[str, list[tuple[float, Group]]] = {}
-        for x, g in points:
-            lines.setdefault(_key([g.get(k) for k in keys]), []).append((x, g))
-        if all(len({x for x, _ in line}) == len(line) for line in lines.values()):
-            break
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()}, keys
-
-
-def _legend(ax) -> None:
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-
-
-def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
-    """Test accuracy (and best validation accuracy, dashed) along one axis; None unless a line has two points."""
-    lines, keys = _lines(groups, kind)
-    if not any(len(line) >= 2 for line in lines.values()):
-        return None
-    firsts = [line[0][1] for line in lines.values()]
-    label_keys = [k for k in keys if len({_key(g.get(k)) for g in firsts}) > 1] or ["model"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, line in enumerate(lines.values()):
-        color, xs = f"C{i % 10}", [x for x, _ in line]
-        ax.errorbar(xs, [100 * g.mean("test_acc") for _, g in line], yerr=[100 * (g.std("test_acc") or 0) for _, g in line],
-                    fmt="o-", color=color, capsize=3, label=group_label(line[0][1], label_keys))
-        ax.plot(xs, [100 * g.mean("best_val_acc") for _, g in line], "x--", color=color, alpha=0.5)
-    ax.plot([], [], "ko-", label="test")
-    ax.plot([], [], "kx--", alpha=0.5, label="best validation")
-    xs = [x for line in lines.values() for x, _ in line]
-    if kind == "train-size" and max(xs) > 20 * min(xs):
-        ax.set_xscale("log")
-    ax.set_xlabel(AXES[kind][1])
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax.set_title(f"{title}: {TITLES[kind]}", fontsize=10)
-    return Plot(kind, f"{title}: {TITLES[kind]}", _png(fig))
-
-
-def curves_plot(groups: list[Group], title: str) -> Plot | None:
-    """Validation accuracy and training loss per epoch, every trained configuration overlaid (seeds averaged)."""
-    trained = [g for g in groups if g.trained]
-    if not any(len([m for m in r.metrics if m.get("train_loss") is not None]) >= 2 for g in trained for r in g.runs):
-        return None
-    labels = short_labels(trained)
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, g in enumerate(trained):
-        by_epoch: dict[int, list[dict]] = {}
-        for r in g.runs:
-            for m in r.metrics:
-                if m.get("train_loss") is not None:
-                    by_epoch.setdefault(m["epoch"], []).append(m)
-        epochs = sorted(by_epoch)
-        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4], marker="o", markersize=3)
-        ax_acc.plot(epochs, [100 * statistics.fmean(m["val_acc"] for m in by_epoch[e]) for e in epochs], **style)
-        ax_loss.plot(epochs, [statistics.fmean(m["train_loss"] for m in by_epoch[e]) for e in epochs],
-                     label=labels[id(g)], **style)
-    ax_acc.set_ylabel("validation accuracy (%)")
-    ax_loss.set_ylabel("training loss")
-    for ax in (ax_acc, ax_loss):
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    _legend(ax_loss)
-    fig.suptitle(f"{title}: {TITLES['curves']}", fontsize=10)
-    fig.tight_layout()
-    return Plot("curves", f"{title}: {TITLES['curves']}", _png(fig))
-
-
-def time_plot(groups: list[Group], title: str) -> Plot | None:
-    """Test accuracy against training time, one point per trained configuration."""
-    points = [(g.mean("train_time_s"), g) for g in groups if g.trained and g.mean("train_time_s")]
-    if len(points) < 2:
-        return None
-    labels = short_labels([g for _, g in points])
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, (t, g) in enumerate(points):
-        ax.errorbar([t], [100 * g.mean("test_acc")], yerr=[100 * (g.std("test_acc") or 0)], color=f"C{i % 10}",
-                    fmt="osD^v<>"[i // 10 % 7], capsize=3, label=labels[id(g)])
-    times = [t for t, _ in points]
-    if max(times) > 20 * min(times):
-        ax.set_xscale("log")
-    ax.set_xlabel("training time (s, all epochs)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax.set_title(f"{title}: {TITLES['time']}", fontsize=10)
-    return Plot("time", f"{title}: {TITLES['time']}", _png(fig))
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -513,7 +62,7 @@ class Section:
     groups: list[Group]
     labels: dict[str, str] = field(default_factory=dict)  # user's dataset labels
     selections: list[dict] = field(default_factory=list)
-    plots: list[Plot] = field(default_factory=list)
+    plots: list[plots.Plot] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
@@ -542,7 +91,7 @@ class Section:
 
     @staticmethod
     def cell(g: Group, key: str) -> str:
-        return "—" if g.kind == "zero-shot" and key in TRAINING_ONLY else fmt_setting(key, g.get(key))
+        return "—" if not g.strategy.trains and key in TRAINING_ONLY else fmt_setting(key, g.get(key))
 
     def rows(self) -> list[list[str]]:
         chosen = {s["group"].key: s["name"] for s in self.selections if s.get("group") is not None}
@@ -591,9 +140,9 @@ def build_sections(runs: list[Run], labels: dict[str, str] | None = None) -> lis
         else:
             title = study.name if names.count(study.name) == 1 else f"{study.name} ({study.dir})"
         section = Section(title, study, groups, labels, [s for s in selections if s["study_info"] is study])
-        for plot in (curves_plot(groups, title), axis_plot(groups, "unfrozen", title),
-                     axis_plot(groups, "train-size", title), axis_plot(groups, "resolution", title),
-                     time_plot(groups, title)):
+        for plot in (plots.curves_plot(groups, title), plots.axis_plot(groups, "unfrozen", title),
+                     plots.axis_plot(groups, "train-size", title), plots.axis_plot(groups, "resolution", title),
+                     plots.time_plot(groups, title)):
             if plot is not None:
                 section.plots.append(plot)
         sections.append(section)
@@ -757,32 +306,3 @@ def write_report(root: str | Path, out: str | Path | None = None, *, labels: dic
             "plots": sum(len(s.plots) for s in sections), "unfinished": unfinished,
             "selections": [s for section in sections for s in section.selections]}
 
-
-# ------------------------------------------------------------------------------------------- CLI
-
-def _label_option(text: str) -> tuple[str, str]:
-    spec, sep, label = text.rpartition("=")
-    if not sep or not spec or not label.strip():
-        raise UserError(f"--dataset-label: expected DATASET=LABEL (e.g. folder:data/c10=\"CIFAR-10 (JPEG copy)\"), got {text!r}")
-    return spec, label.strip()
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("dir", metavar="DIR", help="directory holding run directories, at any depth (e.g. runs)")
-    parser.add_argument("--out", metavar="DIR", default=None, help="where to write results.csv, report.md and "
-                        "report.html (default: DIR)")
-    parser.add_argument("--dataset-label", metavar="DATASET=LABEL", action="append", default=[],
-                        help="how to name a dataset in the report, e.g. folder:../data/c10=\"CIFAR-10 (JPEG copy)\" "
-                             "(default: a study's dataset_labels, CIFAR-10 / CIFAR-100, or the folder's name)")
-
-
-def command(args) -> int:
-    labels = dict(_label_option(t) for t in args.dataset_label)
-    result = write_report(args.dir, args.out, labels=labels)
-    for sel in result["selections"]:
-        print(sel["text"])
-    out = result["out"]
-    print(f"report: {result['runs']} runs ({result['studies']} studies, {result['plots']} plots"
-          + (f", {result['unfinished']} unfinished runs not shown" if result["unfinished"] else "")
-          + f") -> {out / 'report.html'}, {out / 'report.md'}, {out / 'results.csv'}")
-    return 0

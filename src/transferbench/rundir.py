@@ -1,4 +1,5 @@
-"""Everything a run directory holds, each file written atomically (temp file + rename)."""
+"""The names of every file a run or study directory holds, and how they are written: atomically
+(temp file + rename), so a reader never sees half a file."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,12 @@ from typing import Any, Callable
 
 import torch
 
+# A run directory
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "curves.png")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES)
+# A study directory (what `transferbench study` writes beside its runs)
+STUDY_RECORD = "study.json"
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -61,10 +66,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_savefig(fig, path: Path) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight"))
 
 
 def read_json(path: Path) -> Any:

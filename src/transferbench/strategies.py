@@ -1,7 +1,9 @@
 """Transfer strategies: which parameters train, in which phase, at which learning rate.
 
 A strategy is a list of phases. Each phase names the parameters that train and a learning-rate scale;
-the training loop rebuilds its optimizer (and any compiled graph) at every phase boundary.
+the training loop rebuilds its optimizer (and any compiled graph) at every phase boundary. Everything
+else that depends on the strategy (its default learning rate, whether it can train on cached features,
+how a report places it) is a property of `Strategy`, so a new strategy is one row of `KINDS`.
 """
 from __future__ import annotations
 
@@ -11,7 +13,27 @@ from torch import nn
 
 from .errors import UserError, did_you_mean
 
-KINDS = ("zero-shot", "linear-probe", "full", "last-n", "two-phase", "scratch")
+HEAD_TENSORS = 2  # a linear classifier's weight and bias: what linear-probe unfreezes
+
+
+@dataclass(frozen=True)
+class Kind:
+    trains: bool = True  # False: evaluated as built (zero-shot)
+    lr_tier: str = "backbone"  # default learning rate: "head" (a new layer, or from scratch) or "backbone"
+    from_scratch: bool = False  # random initialisation; pretrained weights are refused
+    head_only: bool = False  # only the new head ever trains: the backbone's features can be cached
+    phased: bool = False  # head alone for --head-epochs, then everything at --unfreeze-lr-scale
+    takes_k: bool = False  # written KIND:K
+
+
+KINDS: dict[str, Kind] = {
+    "zero-shot": Kind(trains=False, lr_tier="head", head_only=True),
+    "linear-probe": Kind(lr_tier="head", head_only=True),
+    "full": Kind(),
+    "last-n": Kind(takes_k=True),
+    "two-phase": Kind(lr_tier="head", phased=True),
+    "scratch": Kind(lr_tier="head", from_scratch=True),
+}
 
 
 @dataclass(frozen=True)
@@ -21,7 +43,51 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        return f"last-n:{self.k}" if self.kind == "last-n" else self.kind
+        return f"{self.kind}:{self.k}" if self.k is not None else self.kind
+
+    @property
+    def spec(self) -> Kind:
+        return KINDS[self.kind]
+
+    trains = property(lambda self: self.spec.trains)
+    lr_tier = property(lambda self: self.spec.lr_tier)
+    from_scratch = property(lambda self: self.spec.from_scratch)
+    phased = property(lambda self: self.spec.phased)
+
+    @property
+    def can_cache_features(self) -> bool:
+        return self.spec.head_only and self.spec.trains
+
+    @property
+    def unfrozen_tensors(self) -> int | None:
+        """Parameter tensors that train, where that is one number whatever the model (the report's axis)."""
+        if not self.trains:
+            return 0
+        if self.k is not None:
+            return self.k
+        return HEAD_TENSORS if self.spec.head_only else None
+
+    def trainable(self, model: nn.Module, head: str, phase: int = 0) -> frozenset[str]:
+        """Names of the parameters that train. `head` is the classifier module's name in the model."""
+        names = [n for n, _ in model.named_parameters()]
+        if not self.trains:
+            return frozenset()
+        if self.spec.head_only or (self.phased and phase == 0):
+            return frozenset(n for n in names if n.startswith(head + "."))
+        if self.k is not None:
+            if self.k > len(names):
+                raise UserError(f"{self.name} asks for more parameter tensors than the model has ({len(names)}); "
+                                f"use K between 1 and {len(names)}")
+            # The last K tensors in named_parameters() order, head included: the meaning used by the
+            # published layer-wise studies this tool reproduces.
+            return frozenset(names[-self.k:])
+        return frozenset(names)
+
+    def phases(self, model: nn.Module, head: str, epochs: int, head_epochs: int, unfreeze_lr_scale: float) -> list[Phase]:
+        if self.phased:
+            return [Phase(0, 0, head_epochs, self.trainable(model, head, 0)),
+                    Phase(1, head_epochs, epochs, self.trainable(model, head, 1), unfreeze_lr_scale)]
+        return [Phase(0, 0, epochs, self.trainable(model, head))]
 
 
 @dataclass(frozen=True)
@@ -34,50 +100,22 @@ class Phase:
 
 
 def parse_strategy(text: str) -> Strategy:
-    kind, _, arg = text.partition(":")
+    kind, sep, arg = text.partition(":")
     if kind not in KINDS:
-        raise UserError(f"unknown strategy '{text}'; choose one of {', '.join(KINDS)} (last-n as last-n:K).{did_you_mean(kind, KINDS)}")
-    if kind != "last-n":
-        if arg:
+        raise UserError(f"unknown strategy '{text}'; choose one of {', '.join(KINDS)} (last-n as last-n:K)."
+                        f"{did_you_mean(kind, KINDS)}")
+    if not KINDS[kind].takes_k:
+        if sep:
             raise UserError(f"strategy '{kind}' takes no ':' argument, got '{text}'")
         return Strategy(kind)
     try:
         k = int(arg)
     except ValueError:
-        raise UserError(f"strategy last-n needs a number of parameter tensors, as last-n:K (e.g. last-n:25), got '{text}'") from None
+        raise UserError(f"strategy {kind} needs a number of parameter tensors, as {kind}:K (e.g. {kind}:25), "
+                        f"got '{text}'") from None
     if k < 1:
-        raise UserError(f"last-n:K needs K >= 1, got K = {k}")
-    return Strategy("last-n", k)
-
-
-def trainable_names(model: nn.Module, head: str, strategy: Strategy, *, phase: int = 0) -> frozenset[str]:
-    """Names of the parameters that train. `head` is the classifier module's name in the model."""
-    names = [n for n, _ in model.named_parameters()]
-    head_names = [n for n in names if n.startswith(head + ".")]
-    kind = strategy.kind
-    if kind == "zero-shot":
-        return frozenset()
-    if kind == "linear-probe" or (kind == "two-phase" and phase == 0):
-        return frozenset(head_names)
-    if kind == "last-n":
-        if strategy.k > len(names):
-            raise UserError(
-                f"last-n:{strategy.k} asks for more parameter tensors than the model has ({len(names)}); "
-                f"use K between 1 and {len(names)}"
-            )
-        # The last K tensors in named_parameters() order, head included: the meaning used by the
-        # published layer-wise studies this tool reproduces.
-        return frozenset(names[-strategy.k:])
-    return frozenset(names)
-
-
-def phases(model: nn.Module, head: str, strategy: Strategy, epochs: int, head_epochs: int, unfreeze_lr_scale: float) -> list[Phase]:
-    if strategy.kind == "two-phase":
-        return [
-            Phase(0, 0, head_epochs, trainable_names(model, head, strategy, phase=0)),
-            Phase(1, head_epochs, epochs, trainable_names(model, head, strategy, phase=1), unfreeze_lr_scale),
-        ]
-    return [Phase(0, 0, epochs, trainable_names(model, head, strategy))]
+        raise UserError(f"{kind}:K needs K >= 1, got K = {k}")
+    return Strategy(kind, k)
 
 
 def apply_trainable(model: nn.Module, trainable: frozenset[str]) -> None:

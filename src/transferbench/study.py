@@ -38,30 +38,35 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import re
-import sys
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import rundir
-from .config import RunConfig, canonical_dataset, default_run_name
+import yaml
+from tqdm import tqdm
+
+from . import rundir, training
+from .config import FIELDS, RunConfig, canonical_dataset, default_run_name, differences, field_type, slug
+from .data import check_dataset
 from .errors import UserError, did_you_mean
+from .models import resolve_name
+from .results import load_runs, selection_results
+from .strategies import parse_strategy
+
+log = logging.getLogger(__name__)
 
 TOP_KEYS = ("name", "description", "dataset_labels", "options", "grid", "variants", "references", "select")
 REFERENCE_KEYS = ("label", "match", "metric", "value", "source")
 SELECT_KEYS = ("name", "among", "by", "report")
 METRICS = ("test_acc", "best_val_acc")
 RESERVED = {"name": "run names come from the study", "output_dir": "pass --output-dir to `transferbench study`"}
-STUDY_RECORD = "study.json"
 # Short tags for swept options in run names; other options appear as their own name.
 NAME_TAGS = {"image_size": "px", "train_subset": "n", "epochs": "e", "batch_size": "b", "lr": "lr",
              "weight_decay": "wd", "head_epochs": "he", "val_fraction": "val", "label_smoothing": "ls"}
 IN_DEFAULT_NAME = ("dataset", "model", "strategy", "seed")
-FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -147,20 +152,9 @@ class Study:
 
 # ---------------------------------------------------------------------------------------- parsing
 
-_HINTS = typing.get_type_hints(RunConfig)
-
-
-def _field_type(name: str) -> tuple[type, bool]:
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in args if a is not type(None)), type(None) in args
-    return hint, False
-
-
 def _coerce(src: str, where: str, key: str, value: Any) -> Any:
     """A YAML value as the RunConfig field's type, or a UserError naming the file and the key."""
-    kind, optional = _field_type(key)
+    kind, optional = field_type(key)
     if value is None:
         if optional:
             return None
@@ -229,7 +223,7 @@ def _tag(key: str, value: Any) -> str:
         text = str(value).lower()
     else:
         text = f"{value:g}" if isinstance(value, float) else str(value)
-    return NAME_TAGS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")
+    return NAME_TAGS.get(key, key.replace("_", "-") + "-") + slug(text, empty="")
 
 
 def _matches(run: PlannedRun, match: dict[str, Any]) -> bool:
@@ -258,12 +252,11 @@ def _fmt(value: Any) -> str:
 
 
 def _validate_values(src: str, runs: list[PlannedRun]) -> None:
-    """Each distinct strategy, model and dataset once, then every run's full configuration."""
-    from .strategies import parse_strategy
-
+    """What `training.preflight` checks, with the place in the file that set the bad value: each distinct
+    strategy, model and dataset once, then every run's full configuration."""
     seen: set[tuple[str, Any]] = set()
     for run in runs:
-        for key, check in (("strategy", parse_strategy), ("dataset", _check_dataset), ("model", _check_model)):
+        for key, check in (("strategy", parse_strategy), ("dataset", check_dataset), ("model", resolve_name)):
             value = getattr(run.config, key)
             if (key, value) in seen:
                 continue
@@ -282,83 +275,97 @@ def _validate_values(src: str, runs: list[PlannedRun]) -> None:
             raise UserError(f"{src}: " + (f"{where}: " if where else "") + f"{message} (run '{run.name}')") from None
 
 
-def _check_dataset(spec: str) -> None:
-    if spec.startswith("folder:"):
-        root = Path(spec[len("folder:"):]).expanduser()
-        if not root.is_dir():
-            raise UserError(f"dataset folder {root} does not exist (relative paths are from the current directory, {Path.cwd()})")
-    elif spec not in ("cifar10", "cifar100"):
-        raise UserError(f"unknown dataset '{spec}'; choose cifar10, cifar100 or folder:PATH.{did_you_mean(spec, ['cifar10', 'cifar100'])}")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _check_model(name: str) -> None:
-    from .models import resolve_name
-
-    resolve_name(name)
-
-
-def load_study(path: str | Path, output_dir: str | Path = "runs", *,
-               transform: Callable[[PlannedRun], dict[str, Any] | None] | None = None) -> Study:
-    """Read and check a study file, and plan its runs (nothing is written).
-
-    `transform(run)` may return replacement options for a planned run, or None to drop it; names,
-    references and selections keep what the file says (tests use this to run shrunken copies).
-    Raises UserError, naming the file and the key, for anything wrong.
-    """
-    import yaml
-
-    path = Path(path)
+def _read(path: Path) -> dict:
     src = str(path)
+    if path.is_dir():
+        raise UserError(f"study file {src} is a directory; give the .yaml file inside it (see studies/)")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"study file {src} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{src}: not UTF-8 text (byte {err.start}); save the study file as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read study file {src} ({err.strerror})") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise UserError(f"{src}: not valid YAML: {err}") from None
     doc = _mapping(src, "the file", doc, allow_empty=False)
     for key in doc:
         if key not in TOP_KEYS:
-            raise UserError(f"{src}: unknown top-level key '{key}' (expected {', '.join(TOP_KEYS)}).{did_you_mean(str(key), TOP_KEYS)}")
+            raise UserError(f"{src}: unknown top-level key '{key}' (expected {', '.join(TOP_KEYS)})."
+                            f"{did_you_mean(str(key), TOP_KEYS)}")
+    return doc
 
+
+def _parse_header(src: str, doc: dict, path: Path) -> tuple[str, str]:
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise UserError(f"{src}: name: {name!r} must be a plain directory name (letters, digits, '.', '_', '-')")
     description = doc.get("description") or ""
     if not isinstance(description, str):
         raise UserError(f"{src}: description must be text")
+    return name, description
 
+
+def _parse_options(src: str, doc: dict) -> dict[str, Any]:
     options = {}
     for key, value in _mapping(src, "options", doc.get("options")).items():
         _check_key(src, "options", key)  # before the value: an unknown key has no type to check it against
         options[key] = _scalar(src, "options", key, value, "put values to sweep under grid")
-    grid = {}
-    if "grid" in doc:
-        raw_grid = _mapping(src, "grid", doc["grid"], allow_empty=True)
-        if not raw_grid:
-            raise UserError(f"{src}: grid is empty: give at least one key with a list of values, or remove 'grid'")
-        for key, values in raw_grid.items():
-            _check_key(src, "grid", key)
-            grid[key] = _axis(src, "grid", key, values)
-            if key in options:
-                raise UserError(f"{src}: grid.{key}: '{key}' is also in options; keep it in one place")
-    variants: dict[str | None, dict] = {}
-    if "variants" in doc:
-        raw_variants = _mapping(src, "variants", doc["variants"], allow_empty=True)
-        if not raw_variants:
-            raise UserError(f"{src}: variants is empty: name at least one variant, or remove 'variants'")
-        for vname, body in raw_variants.items():
-            if not isinstance(vname, str) or not _NAME_RE.fullmatch(vname):
-                raise UserError(f"{src}: variants: {vname!r} must be a plain directory name (letters, digits, '.', '_', '-')")
-            variants[vname] = {}
-            for key, value in _mapping(src, f"variants.{vname}", body).items():
-                _check_key(src, f"variants.{vname}", key)
-                variants[vname][key] = (_axis(src, f"variants.{vname}", key, value) if isinstance(value, list)
-                                        else _scalar(src, f"variants.{vname}", key, value, ""))
-    if not grid and not variants:
-        raise UserError(f"{src}: declares no runs: add a 'grid' (keys with lists of values) and/or 'variants'")
+    return options
 
+
+def _parse_grid(src: str, doc: dict, options: dict[str, Any]) -> dict[str, list]:
+    if "grid" not in doc:
+        return {}
+    raw = _mapping(src, "grid", doc["grid"], allow_empty=True)
+    if not raw:
+        raise UserError(f"{src}: grid is empty: give at least one key with a list of values, or remove 'grid'")
+    grid = {}
+    for key, values in raw.items():
+        _check_key(src, "grid", key)
+        grid[key] = _axis(src, "grid", key, values)
+        if key in options:
+            raise UserError(f"{src}: grid.{key}: '{key}' is also in options; keep it in one place")
+    return grid
+
+
+def _parse_variants(src: str, doc: dict) -> dict[str, dict]:
+    if "variants" not in doc:
+        return {}
+    raw = _mapping(src, "variants", doc["variants"], allow_empty=True)
+    if not raw:
+        raise UserError(f"{src}: variants is empty: name at least one variant, or remove 'variants'")
+    variants: dict[str, dict] = {}
+    for vname, body in raw.items():
+        if not isinstance(vname, str) or not _NAME_RE.fullmatch(vname):
+            raise UserError(f"{src}: variants: {vname!r} must be a plain directory name (letters, digits, '.', '_', '-')")
+        variants[vname] = {}
+        for key, value in _mapping(src, f"variants.{vname}", body).items():
+            _check_key(src, f"variants.{vname}", key)
+            variants[vname][key] = (_axis(src, f"variants.{vname}", key, value) if isinstance(value, list)
+                                    else _scalar(src, f"variants.{vname}", key, value, ""))
+    return variants
+
+
+def _plan_runs(src: str, study_dir: Path, options: dict, grid: dict, variants: dict) -> list[PlannedRun]:
+    """Every combination of the grid, per variant; a variant's scalar overrides, its list sweeps."""
     runs: list[PlannedRun] = []
-    study_dir = Path(output_dir).expanduser() / name
     for vname, body in (variants or {None: {}}).items():
         fixed = dict(options)
         sources = {k: f"options.{k}" for k in options}
@@ -385,78 +392,123 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
     for run in runs:
         if run.name in by_name:
             raise UserError(f"{src}: two runs would both be named '{run.name}' ({run.options} and "
-                            f"{by_name[run.name].options}); make them differ in a swept key or put them in different variants")
+                            f"{by_name[run.name].options}); make them differ in a swept key or put them in different "
+                            f"variants")
         by_name[run.name] = run
+    return runs
 
-    references = []
-    raw_refs = doc.get("references") or []
-    if not isinstance(raw_refs, list):
+
+def _check_metric(src: str, where: str, metric: Any) -> str:
+    if metric not in METRICS:
+        raise UserError(f"{src}: {where}: must be one of {', '.join(METRICS)}, got {metric!r}."
+                        f"{did_you_mean(str(metric), METRICS)}")
+    return metric
+
+
+def _check_entry_keys(src: str, where: str, entry: dict, allowed: tuple[str, ...]) -> None:
+    for key in entry:
+        if key not in allowed:
+            raise UserError(f"{src}: {where}: unknown key '{key}' (expected {', '.join(allowed)})."
+                            f"{did_you_mean(str(key), allowed)}")
+
+
+def _parse_references(src: str, doc: dict, runs: list[PlannedRun]) -> list[Reference]:
+    raw = doc.get("references") or []
+    if not isinstance(raw, list):
         raise UserError(f"{src}: references must be a list of entries (- match: ..., value: ...)")
-    for i, entry in enumerate(raw_refs):
+    references = []
+    for i, entry in enumerate(raw):
         where = f"references[{i}]"
         entry = _mapping(src, where, entry, allow_empty=False)
-        for key in entry:
-            if key not in REFERENCE_KEYS:
-                raise UserError(f"{src}: {where}: unknown key '{key}' (expected {', '.join(REFERENCE_KEYS)}).{did_you_mean(str(key), REFERENCE_KEYS)}")
+        _check_entry_keys(src, where, entry, REFERENCE_KEYS)
         if "match" not in entry or "value" not in entry:
             raise UserError(f"{src}: {where}: needs 'match' (which runs) and 'value' (the published figure, in percent)")
         match = _parse_match(src, f"{where}.match", entry["match"])
         value = entry["value"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise UserError(f"{src}: {where}.value: must be a percentage between 0 and 100 (e.g. 79.32), got {value!r}")
-        metric = entry.get("metric", "test_acc")
-        if metric not in METRICS:
-            raise UserError(f"{src}: {where}.metric: must be one of {', '.join(METRICS)}, got {metric!r}.{did_you_mean(str(metric), METRICS)}")
+        metric = _check_metric(src, f"{where}.metric", entry.get("metric", "test_acc"))
         matched = [r.name for r in runs if _matches(r, match)]
         if not matched:
             raise UserError(f"{src}: {where}.match: {match} matches none of the study's {len(runs)} runs")
         label = entry.get("label") or " ".join(str(v) for v in match.values())
         references.append(Reference(str(label), match, metric, float(value), str(entry.get("source") or ""), matched))
+    return references
 
+
+def _parse_selections(src: str, doc: dict, runs: list[PlannedRun]) -> list[Selection]:
+    raw = doc.get("select")
+    raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
     selections = []
-    raw_select = doc.get("select")
-    raw_select = [] if raw_select is None else raw_select if isinstance(raw_select, list) else [raw_select]
-    for i, entry in enumerate(raw_select):
+    for i, entry in enumerate(raw):
         where = f"select[{i}]" if isinstance(doc.get("select"), list) else "select"
         entry = _mapping(src, where, entry, allow_empty=False)
-        for key in entry:
-            if key not in SELECT_KEYS:
-                raise UserError(f"{src}: {where}: unknown key '{key}' (expected {', '.join(SELECT_KEYS)}).{did_you_mean(str(key), SELECT_KEYS)}")
+        _check_entry_keys(src, where, entry, SELECT_KEYS)
         among = _parse_match(src, f"{where}.among", entry.get("among"))
-        by, report = entry.get("by", "best_val_acc"), entry.get("report", "test_acc")
-        for key, metric in (("by", by), ("report", report)):
-            if metric not in METRICS:
-                raise UserError(f"{src}: {where}.{key}: must be one of {', '.join(METRICS)}, got {metric!r}.{did_you_mean(str(metric), METRICS)}")
+        by = _check_metric(src, f"{where}.by", entry.get("by", "best_val_acc"))
+        report = _check_metric(src, f"{where}.report", entry.get("report", "test_acc"))
         if by == "test_acc":
-            raise UserError(f"{src}: {where}.by: selecting on test_acc would report a test figure chosen on the test set; "
-                            f"select by best_val_acc")
+            raise UserError(f"{src}: {where}.by: selecting on test_acc would report a test figure chosen on the test "
+                            f"set; select by best_val_acc")
         candidates = [r.name for r in runs if _matches(r, among)]
         if len(candidates) < 2:
-            raise UserError(f"{src}: {where}.among: {among} matches {len(candidates)} run(s); a selection needs at least two candidates")
+            raise UserError(f"{src}: {where}.among: {among} matches {len(candidates)} run(s); a selection needs at "
+                            f"least two candidates")
         selections.append(Selection(str(entry.get("name") or f"selection-{i + 1}"), among, by, report, candidates))
+    return selections
 
-    dataset_labels = {}
+
+def _parse_dataset_labels(src: str, doc: dict, runs: list[PlannedRun]) -> dict[str, str]:
+    labels = {}
     for spec, label in _mapping(src, "dataset_labels", doc.get("dataset_labels")).items():
         if not any(r.options.get("dataset", RunConfig.dataset) == spec for r in runs):
             used = sorted({r.options.get("dataset", RunConfig.dataset) for r in runs})
             raise UserError(f"{src}: dataset_labels: '{spec}' is not a dataset of this study ({', '.join(used)})")
         if not isinstance(label, str) or not label.strip():
             raise UserError(f"{src}: dataset_labels.{spec}: must be a non-empty text, got {label!r}")
-        dataset_labels[canonical_dataset(str(spec))] = label.strip()  # as config.json records it
+        labels[canonical_dataset(str(spec))] = label.strip()  # as config.json records it
+    return labels
 
+
+def _transformed(runs: list[PlannedRun], transform: Callable[[PlannedRun], dict[str, Any] | None],
+                 items: list) -> list[PlannedRun]:
+    kept = []
+    for run in runs:
+        new = transform(run)
+        if new is None:
+            continue
+        new = {k: new[k] for k in FIELDS if k in new and k not in RESERVED}
+        config = dataclasses.replace(RunConfig(**new), output_dir=run.config.output_dir, name=run.config.name)
+        kept.append(dataclasses.replace(run, config=config))
+    names = {r.name for r in kept}
+    for item in items:
+        item.runs = [n for n in item.runs if n in names]
+    return kept
+
+
+def load_study(path: str | Path, output_dir: str | Path = "runs", *,
+               transform: Callable[[PlannedRun], dict[str, Any] | None] | None = None) -> Study:
+    """Read and check a study file, and plan its runs (nothing is written).
+
+    `transform(run)` may return replacement options for a planned run, or None to drop it; names,
+    references and selections keep what the file says (tests use this to run shrunken copies).
+    Raises UserError, naming the file and the key, for anything wrong.
+    """
+    path = Path(path)
+    src = str(path)
+    doc = _read(path)
+    name, description = _parse_header(src, doc, path)
+    options = _parse_options(src, doc)
+    grid = _parse_grid(src, doc, options)
+    variants = _parse_variants(src, doc)
+    if not grid and not variants:
+        raise UserError(f"{src}: declares no runs: add a 'grid' (keys with lists of values) and/or 'variants'")
+    runs = _plan_runs(src, Path(output_dir).expanduser() / name, options, grid, variants)
+    references = _parse_references(src, doc, runs)
+    selections = _parse_selections(src, doc, runs)
+    dataset_labels = _parse_dataset_labels(src, doc, runs)
     if transform is not None:
-        kept = []
-        for run in runs:
-            new = transform(run)
-            if new is None:
-                continue
-            new = {k: new[k] for k in FIELDS if k in new and k not in RESERVED}
-            kept.append(dataclasses.replace(run, config=dataclasses.replace(RunConfig(**new), output_dir=run.config.output_dir, name=run.config.name)))
-        names = {r.name for r in kept}
-        runs = kept
-        for item in (*references, *selections):
-            item.runs = [n for n in item.runs if n in names]
-
+        runs = _transformed(runs, transform, [*references, *selections])
     _validate_values(src, runs)
     return Study(name, description, path, Path(output_dir), runs, references, selections, dataset_labels)
 
@@ -465,16 +517,13 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
 
 def check_existing(study: Study) -> dict[str, str]:
     """State of every planned run; a run started or finished with other options is an error."""
-    from .training import RESUMABLE_DIFFERENCES
-
     states = {}
     for run in study.runs:
         state = run.state()
         if state != "new":
             saved = rundir.read_json(run.dir / rundir.CONFIG) if (run.dir / rundir.CONFIG).is_file() else {}
             planned = run.config.resolved().to_dict()
-            diffs = [k for k, v in planned.items()
-                     if k not in RESUMABLE_DIFFERENCES and v is not None and k in saved and saved[k] != v]
+            diffs = differences(saved, planned)
             if diffs:
                 k = diffs[0]
                 raise UserError(
@@ -495,9 +544,7 @@ def _duration(seconds: float) -> str:
 
 def _weight(run: PlannedRun) -> float:
     """Rough relative cost of a run, for the time estimate: one evaluation pass plus its epochs."""
-    from .strategies import parse_strategy
-
-    if parse_strategy(run.config.strategy).kind == "zero-shot":
+    if not parse_strategy(run.config.strategy).trains:
         return 1.0
     return 1.0 + run.config.epochs * (0.3 if run.config.train_subset else 1.0)
 
@@ -511,15 +558,10 @@ class _Overall:
         self.left_weight = sum(_weight(r) for r in study.runs if states[r.name] != "complete")
         self.spent_weight = 0.0
         self.start = time.perf_counter()
-        self.stdout = sys.stdout  # the real one: while a run is going, sys.stdout is a _LinesAboveBars
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=self.done, position=0, leave=True, dynamic_ncols=True,
-                            file=sys.stderr, desc=f"study {study.name}", unit="run",
-                            bar_format="{desc}: {n_fmt}/{total_fmt} runs{postfix} |{bar}|")
-            self.refresh()
+        self.bar = tqdm(total=self.total, initial=self.done, position=0, leave=True, dynamic_ncols=True,
+                        desc=f"study {study.name}", unit="run", disable=not enabled,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} runs{postfix} |{bar}|")
+        self.refresh()
 
     def eta(self) -> str:
         elapsed = time.perf_counter() - self.start
@@ -531,14 +573,7 @@ class _Overall:
         return f"{self.done}/{self.total} runs done, {_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}"
 
     def refresh(self) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stdout)
-        else:
-            print(line, file=self.stdout, flush=True)
+        self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
 
     def finished(self, run: PlannedRun, completed: bool) -> None:
         w = _weight(run)
@@ -546,115 +581,69 @@ class _Overall:
         self.spent_weight += w
         if completed:
             self.done += 1
-            if self.bar is not None:
-                self.bar.update(1)
+            self.bar.update(1)
         self.refresh()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _LinesAboveBars:
-    """stdout that prints whole lines through tqdm.write, so log lines never tear the progress bars;
-    each line (a run logs one per epoch) also refreshes the overall bar's elapsed time."""
-
-    def __init__(self, overall: _Overall):
-        self.overall, self.buffer = overall, ""
-
-    def write(self, text: str) -> int:
-        self.buffer += text
-        while "\n" in self.buffer:
-            line, self.buffer = self.buffer.split("\n", 1)
-            self.overall.write(line)
-            self.overall.refresh()
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+        self.bar.close()
 
 
 def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) -> dict[str, Any]:
     """Run every planned run that is not complete yet (interrupted ones resume); returns the outcome."""
-    import contextlib
-
-    from . import training
-
     states = check_existing(study)
-    rundir.atomic_write_json(study.dir / STUDY_RECORD, study.record())
+    rundir.atomic_write_json(study.dir / rundir.STUDY_RECORD, study.record())
     overall = _Overall(study, states, progress)
     failed: dict[str, str] = {}
     skipped = [r.name for r in study.runs if states[r.name] == "complete"]
     if skipped:
-        overall.write(f"study {study.name}: {len(skipped)} of {len(study.runs)} runs already complete, skipped")
+        log.info(f"study {study.name}: {len(skipped)} of {len(study.runs)} runs already complete, skipped")
     try:
         for run in study.runs:
             if states[run.name] == "complete":
                 continue
             how = "resuming" if states[run.name] == "interrupted" else "starting"
-            overall.write(f"[study {study.name}] {overall.status()}; {how} {run.name}")
-            redirect = contextlib.redirect_stdout(_LinesAboveBars(overall)) if overall.bar is not None else contextlib.nullcontext()
+            log.info(f"[study {study.name}] {overall.status()}; {how} {run.name}")
             try:
-                with redirect:
-                    training.run(run.config, resume=run.dir.exists(), progress=progress)
+                training.run(run.config, resume=run.dir.exists(), progress=progress)
             except UserError as err:
                 overall.finished(run, completed=False)
                 if not keep_going:
-                    raise UserError(f"study {study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix the "
-                                    f"problem and run the study again to continue (--keep-going runs the others first).") from None
+                    raise UserError(f"study {study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix "
+                                    f"the problem and run the study again to continue (--keep-going runs the others "
+                                    f"first).") from None
                 failed[run.name] = str(err)
-                overall.write(f"[study {study.name}] run {run.name} failed: {err}")
+                log.warning(f"[study {study.name}] run {run.name} failed: {err}")
                 continue
             overall.finished(run, completed=True)
     finally:
         overall.close()
     elapsed = time.perf_counter() - overall.start
-    print(f"study {study.name}: {overall.done}/{len(study.runs)} runs complete ({len(skipped)} skipped, "
-          f"{len(failed)} failed) in {_duration(elapsed)} -> {study.dir}")
-    from .report import load_runs, selection_results
+    log.info(f"study {study.name}: {overall.done}/{len(study.runs)} runs complete ({len(skipped)} skipped, "
+             f"{len(failed)} failed) in {_duration(elapsed)} -> {study.dir}")
+    selections = selection_results(load_runs(study.dir))
+    for result in selections:
+        log.info(result["text"])
+    log.info(f"tables and plots: transferbench report {study.dir}")
+    return {"complete": overall.done, "skipped": skipped, "failed": failed, "elapsed_s": elapsed,
+            "selections": [r["text"] for r in selections]}
 
-    for result in selection_results(load_runs(study.dir)):
-        print(result["text"])
-    print(f"tables and plots: transferbench report {study.dir}")
-    return {"complete": overall.done, "skipped": skipped, "failed": failed, "elapsed_s": elapsed}
 
-
-def print_plan(study: Study) -> None:
+def plan_lines(study: Study) -> list[str]:
+    """One line per planned run with its state and options: what `study --dry-run` prints."""
     states = check_existing(study)
     counts = {s: sum(v == s for v in states.values()) for s in ("new", "interrupted", "complete")}
-    print(f"study {study.name} ({study.path}): {len(study.runs)} runs -> {study.dir}")
+    lines = [f"study {study.name} ({study.path}): {len(study.runs)} runs -> {study.dir}"]
     width = max((len(r.name) for r in study.runs), default=0)
     for i, run in enumerate(study.runs, 1):
         state = states[run.name]
         tag = {"complete": "done", "interrupted": f"resume@{run.epochs_done()}", "new": "new"}[state]
         opts = " ".join(f"{k}={_fmt(v)}" for k, v in run.options.items())
-        print(f"{i:>4}  {tag:<10} {run.name:<{width}}  {opts}")
+        lines.append(f"{i:>4}  {tag:<10} {run.name:<{width}}  {opts}")
     for ref in study.references:
-        print(f"reference: {ref.label}: {ref.value:g}% {ref.metric} ({len(ref.runs)} run(s))" + (f" [{ref.source}]" if ref.source else ""))
+        lines.append(f"reference: {ref.label}: {ref.value:g}% {ref.metric} ({len(ref.runs)} run(s))"
+                     + (f" [{ref.source}]" if ref.source else ""))
     for sel in study.selections:
-        print(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}, reporting its {sel.report}")
-    print(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} complete; nothing was run")
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser) -> None:
-    parser.add_argument("file", metavar="FILE.yaml", help="the study file (see studies/ for examples)")
-    parser.add_argument("--dry-run", action="store_true", help="print one line per planned run and run nothing")
-    parser.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/STUDY_NAME/ (default: runs)")
-    parser.add_argument("--keep-going", action="store_true", help="when a run fails, go on with the others (exit status 1)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def command(args) -> int:
-    study = load_study(args.file, args.output_dir)
-    if args.dry_run:
-        print_plan(study)
-        return 0
-    try:
-        outcome = run_study(study, progress=args.progress, keep_going=args.keep_going)
-    except KeyboardInterrupt:
-        print("transferbench: study interrupted; run the same command again to resume it (complete runs are "
-              "skipped, the interrupted one continues from its last completed epoch)", file=sys.stderr)
-        return 130
-    return 1 if outcome["failed"] else 0
+        lines.append(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}, reporting its {sel.report}")
+    lines.append(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} complete; "
+                 f"nothing was run")
+    return lines

@@ -1,0 +1,7 @@
+"""The subcommands of `transferbench`: each a module with HELP, add_arguments(parser) and command(args) -> exit
+status, thin over the library. A new command is a module here and a line in COMMANDS."""
+from __future__ import annotations
+
+from . import evaluate, export, report, run, study
+
+COMMANDS = {"run": run, "evaluate": evaluate, "study": study, "report": report, "export": export}

@@ -1,0 +1,103 @@
+"""A finished run brought back: its model rebuilt from model.pt, its data and splits reloaded, its test
+split re-evaluated. What `evaluate`, `export` and `predict` start from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import rundir
+from .config import DatasetSpec, RunConfig
+from .data import Batches, DataConfig, ImageSet, Preprocess, Splits, load_dataset, make_splits
+from .errors import UserError
+from .host import pick_device
+from .models import ModelBundle, create_model
+from .training import evaluate
+
+
+@dataclass
+class FinishedRun:
+    run_dir: Path
+    saved: dict  # what model.pt holds
+    cfg: RunConfig
+    bundle: ModelBundle  # on the CPU, the fine-tuned weights loaded
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.saved["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.saved["image_size"])
+
+    @property
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict(self.saved["data_config"])
+
+    def preprocess(self, device: torch.device, channels_last: bool | None = None) -> Preprocess:
+        """Exactly the run's evaluation preprocessing."""
+        cl = self.cfg.channels_last if channels_last is None else channels_last
+        return Preprocess.build(self.data_config, self.image_size, device, cl)
+
+    def data(self, data_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
+        """The run's (train, test) data, from `data_dir` if it moved: the CIFAR directory, or the image folder
+        of a `folder:` dataset. Refused if its classes are no longer the ones the run learned."""
+        spec = DatasetSpec.parse(self.cfg.dataset)
+        dataset = spec.moved_to(data_dir).canonical() if data_dir else self.cfg.dataset
+        train, test = load_dataset(dataset, data_dir or self.cfg.data_dir, storage_size=self.image_size,
+                                   workers=self.cfg.workers)
+        if list(test.classes) != self.classes:
+            raise UserError(f"the test split of {dataset} now has classes {test.classes}, the run was trained on "
+                            f"{self.classes}")
+        return train, test
+
+    def splits(self, data_dir: str | None = None) -> Splits:
+        """The run's own splits (same seed, validation fraction and subset)."""
+        train, test = self.data(data_dir)
+        cfg = self.cfg
+        return make_splits(train, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
+
+
+def load_finished_run(run_dir: str | Path) -> FinishedRun:
+    """What a finished run saved in model.pt, its configuration, and its model rebuilt on the CPU."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    path = run_dir / rundir.MODEL
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {rundir.MODEL}: is it a finished transferbench run directory?")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err})") from None
+    missing = [k for k in ("config", "classes", "data_config", "image_size", "state_dict")
+               if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{path} is not a transferbench model file (missing: {', '.join(missing)})")
+    cfg = RunConfig.from_dict(saved["config"], source=str(path))
+    # image_size: ViT-style models are built for one input size
+    bundle = create_model(cfg.model, len(saved["classes"]), image_size=int(saved["image_size"]))
+    try:
+        bundle.model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: the saved weights do not fit model '{cfg.model}' ({err})") from None
+    return FinishedRun(run_dir, saved, cfg, bundle)
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> dict:
+    """Rebuild a finished run's model from model.pt and re-evaluate its test split."""
+    run = load_finished_run(run_dir)
+    dev = pick_device(device)
+    _, test = run.data(data_dir)
+    model = run.bundle.model.to(dev)
+    if run.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    test_loss, test_acc = evaluate(model, Batches(test, run.preprocess(dev), dev), run.cfg.batch_size * 2,
+                                   dev.type == "cuda" and run.cfg.amp is not False)
+    return {"test_acc": test_acc, "test_loss": test_loss, "recorded_test_acc": run.saved["test_acc"],
+            "test_images": len(test)}

@@ -1,0 +1,302 @@
+"""Finished runs as data: finding them, grouping seeds of one configuration, naming them, and the
+studies' "select on validation, then test" answers. What `report`, `study` and the plots read."""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import rundir
+from .config import NEUTRAL, DatasetSpec, canonical_dataset
+from .errors import UserError
+from .strategies import parse_strategy
+
+log = logging.getLogger(__name__)
+# What tells runs apart in a report: every option that changes a result, except the seed (seeds of one
+# configuration are averaged).
+NOT_SETTINGS = NEUTRAL | {"seed"}
+KNOWN_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+COLUMN_NAMES = {"image_size": "px", "train_subset": "train subset", "batch_size": "batch", "weight_decay": "wd",
+                "label_smoothing": "label smoothing", "warmup_epochs": "warmup", "head_epochs": "head epochs",
+                "unfreeze_lr_scale": "unfreeze lr x", "val_fraction": "val fraction", "feature_cache": "feature cache"}
+TRAINING_ONLY = ("lr", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing", "augment", "train_subset",
+                 "batch_size", "head_epochs", "unfreeze_lr_scale", "feature_cache")
+
+
+# ------------------------------------------------------------------------------------ reading runs
+
+@dataclass(eq=False)
+class StudyInfo:
+    """A study.json: the study's runs in the file's order, its references and selection rules."""
+
+    name: str
+    dir: Path
+    description: str
+    variants: dict[str, str | None]  # run name in the study -> its variant
+    options: dict[str, dict]  # run name in the study -> the options the study file sets for it
+    references: list[dict]
+    selections: list[dict]
+    dataset_labels: dict[str, str]
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.variants)
+
+
+@dataclass(eq=False)
+class Run:
+    dir: Path
+    name: str  # path relative to the report's root
+    config: dict
+    summary: dict
+    metrics: list[dict]
+    study: StudyInfo | None = None
+    in_study: str | None = None  # its name in the study: "VARIANT/RUN" or "RUN"
+
+    @property
+    def variant(self) -> str | None:
+        return self.study.variants.get(self.in_study) if self.study else None
+
+    @property
+    def settings(self) -> dict:
+        return {k: v for k, v in self.config.items() if k not in NOT_SETTINGS}
+
+
+def _read_study(path: Path) -> StudyInfo | None:
+    try:
+        doc = rundir.read_json(path)
+        runs = doc["runs"]
+        return StudyInfo(name=str(doc["name"]), dir=path.parent, description=doc.get("description") or "",
+                         variants={r["name"]: r.get("variant") for r in runs},
+                         options={r["name"]: dict(r.get("options") or {}) for r in runs},
+                         references=list(doc.get("references") or []), selections=list(doc.get("select") or []),
+                         dataset_labels=dict(doc.get("dataset_labels") or {}))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning(f"{path} is not a readable study record ({type(err).__name__}: {err}); its runs are reported "
+                    f"without it")
+        return None
+
+
+def _find_study(run_dir: Path, cache: dict[Path, StudyInfo | None]) -> tuple[StudyInfo | None, str | None]:
+    """The nearest study.json above a run that lists it."""
+    for parent in run_dir.parents:
+        record = parent / rundir.STUDY_RECORD
+        if record.is_file():
+            if parent not in cache:
+                cache[parent] = _read_study(record)
+            study = cache[parent]
+            name = run_dir.relative_to(parent).as_posix()
+            if study is not None and name in study.variants:
+                return study, name
+            return None, None
+    return None, None
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """Every finished run under root (recursively), each attached to its study where it has one."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory")
+    runs, studies = [], {}
+    for summary_path in sorted(root.rglob(rundir.SUMMARY)):
+        run_dir = summary_path.parent
+        try:
+            config = rundir.read_json(run_dir / rundir.CONFIG)
+            summary = rundir.read_json(summary_path)
+            metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
+            missing = [k for k in ("test_acc", "best_val_acc") if not isinstance(summary.get(k), (int, float))]
+            if missing:
+                raise ValueError(f"{rundir.SUMMARY} has no {missing[0]}")
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning(f"skipping {run_dir}: not a complete run record ({type(err).__name__}: {err})")
+            continue
+        study, in_study = _find_study(run_dir, studies)
+        name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+        runs.append(Run(run_dir, name, config, summary, metrics, study, in_study))
+    return runs
+
+
+def unfinished_runs(root: str | Path) -> list[Path]:
+    """Run directories that were started and have not finished (no summary.json yet)."""
+    root = Path(root).expanduser().resolve()
+    return sorted(p.parent for p in root.rglob(rundir.CONFIG) if not (p.parent / rundir.SUMMARY).exists())
+
+
+# ------------------------------------------------------------------------------------ grouping
+
+@dataclass(eq=False)
+class Group:
+    """Runs of one study (and variant) that differ only in their seed."""
+
+    study: StudyInfo | None
+    variant: str | None
+    settings: dict
+    runs: list[Run]
+
+    def values(self, metric: str) -> list[float]:
+        return [r.summary[metric] for r in self.runs if r.summary.get(metric) is not None]
+
+    def mean(self, metric: str) -> float | None:
+        v = self.values(metric)
+        return statistics.fmean(v) if v else None
+
+    def std(self, metric: str) -> float | None:
+        v = self.values(metric)
+        return statistics.stdev(v) if len(v) >= 2 else None
+
+    def get(self, key: str) -> Any:
+        return self.variant if key == "variant" else self.settings.get(key)
+
+    @property
+    def key(self) -> str:
+        return _group_key(self.runs[0])
+
+    @property
+    def declared(self) -> dict:
+        """The options its study file sets for it (all its settings outside a study)."""
+        run = self.runs[0]
+        return run.study.options.get(run.in_study, self.settings) if run.study else self.settings
+
+    @property
+    def strategy(self):
+        return parse_strategy(str(self.settings.get("strategy")))
+
+    @property
+    def trained(self) -> bool:
+        return self.strategy.trains and bool(self.settings.get("epochs"))
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _group_key(run: Run) -> str:
+    return _key([id(run.study), run.variant, run.settings])
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Seeds of one configuration together; in the study file's order, else by model and strategy."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = _group_key(run)
+        if key not in groups:
+            groups[key] = Group(run.study, run.variant, run.settings, [])
+        groups[key].runs.append(run)
+
+    def order(g: Group):
+        if g.study is not None:
+            index = {n: i for i, n in enumerate(g.study.order)}
+            return (0, min(index.get(r.in_study, len(index)) for r in g.runs), "")
+        return (1, 0, _key([g.settings.get("dataset"), g.settings.get("model"), g.settings.get("strategy"), g.settings]))
+    return sorted(groups.values(), key=order)
+
+
+def varying_keys(groups: list[Group], declared: bool = False) -> list[str]:
+    """Settings that differ between groups (in RunConfig order), plus 'variant' where there are several.
+    declared: only the options a study file sets, compared as it sets them: what tells its runs apart,
+    not the defaults that follow from them (a linear probe's learning rate)."""
+    of = (lambda g: g.declared) if declared else (lambda g: g.settings)  # noqa: E731
+    keys: list[str] = []
+    for g in groups:
+        keys += [k for k in of(g) if k not in keys and k not in NOT_SETTINGS]
+    out = [k for k in keys if len({_key(of(g).get(k)) for g in groups}) > 1]
+    if len({g.variant for g in groups}) > 1:
+        out.insert(0, "variant")
+    return out
+
+
+def fmt_setting(key: str, value: Any) -> str:
+    if value is None:
+        return {"train_subset": "all", "weights": "none"}.get(key, "default")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if key == "weights":
+        return Path(str(value)).name
+    return str(value)
+
+
+LABEL_FORMATS = {"image_size": "{} px", "epochs": "{} epochs", "train_subset": "{} train images"}
+
+
+def group_label(g: Group, keys: Iterable[str]) -> str:
+    """'last-n:12 128 px lr 0.001': the group's values of the given settings, for legends and answers."""
+    parts = []
+    keys = list(keys)
+    for k in keys:
+        v = g.get(k)
+        if k == "variant" and "strategy" in keys and str(g.get("strategy")).startswith(str(v)):
+            continue  # variants named after their strategy ('last-n' for last-n:14) say nothing more
+        if k in ("variant", "model", "strategy"):
+            parts.append(str(v))
+        elif k == "dataset":
+            parts.append(dataset_label(str(v), g.study))
+        elif not (not g.strategy.trains and k in TRAINING_ONLY):
+            fmt = LABEL_FORMATS.get(k, COLUMN_NAMES.get(k, k.replace("_", " ")) + " {}")
+            parts.append(fmt.format(fmt_setting(k, v)))
+    return " ".join(parts)
+
+
+def dataset_label(spec: str, study: StudyInfo | None = None, labels: dict[str, str] | None = None) -> str:
+    """A dataset's name for people: what the user or the study calls it, else CIFAR-10 / the folder's name."""
+    for source in (labels or {}, study.dataset_labels if study else {}):
+        for key, label in source.items():
+            if canonical_dataset(key) == canonical_dataset(spec):  # study files may give relative paths
+                return label
+    return KNOWN_DATASETS.get(spec) or DatasetSpec.parse(spec).short_name()
+
+
+# ------------------------------------------------------------------------------------ references, selections
+
+def references_for(g: Group) -> list[dict]:
+    if g.study is None:
+        return []
+    names = {r.in_study for r in g.runs}
+    return [ref for ref in g.study.references if names & set(ref.get("runs") or [])]
+
+
+def pct(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def selection_results(runs: list[Run]) -> list[dict]:
+    """Each study's "select on validation, then test" answer: among the rule's candidates (seeds of one
+    configuration averaged), the configuration with the best mean `by` figure, and its `report` figure."""
+    results = []
+    studies = list(dict.fromkeys(r.study for r in runs if r.study is not None))
+    for study in studies:
+        study_runs = [r for r in runs if r.study is study]
+        for sel in study.selections:
+            planned = list(sel.get("runs") or [])
+            by, report = sel.get("by", "best_val_acc"), sel.get("report", "test_acc")
+            candidates = group_runs([r for r in study_runs if r.in_study in set(planned)])
+            finished = sum(len(g.runs) for g in candidates)
+            result = {"study": study.name, "study_info": study, "name": sel.get("name", "selection"), "by": by, "report": report,
+                      "planned": len(planned), "finished": finished, "configurations": len(candidates), "group": None}
+            if not candidates:
+                result["text"] = f"{study.name}: {result['name']}: none of its {len(planned)} candidate runs has finished"
+                results.append(result)
+                continue
+            best = max(candidates, key=lambda g: g.mean(by))  # the first of equals: the study file's order
+            label = group_label(best, varying_keys(candidates, declared=True) or ["model", "strategy"])
+            n = len(best.runs)
+            result.update(group=best, label=label, by_value=best.mean(by), value=best.mean(report), std=best.std(report),
+                          seeds=n)
+            text = (f"{study.name}: {result['name']}: {label} has the best {by} ({pct(best.mean(by))}%) of "
+                    f"{len(candidates)} configurations; its {report}: {pct(best.mean(report), best.std(report))}%"
+                    + (f" (mean over {n} seeds)" if n > 1 else ""))
+            for ref in references_for(best):
+                if ref.get("metric", "test_acc") == report:
+                    text += f"; published {ref['value']:.2f}% ({ref['label']})"
+            if finished < len(planned):
+                text += f" [only {finished} of {len(planned)} candidate runs have finished]"
+            result["text"] = text
+            results.append(result)
+    return results
+
