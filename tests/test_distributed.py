@@ -9,7 +9,8 @@ import pytest
 import torch
 
 ARGS = ["--model", "timm:test_vit", "--no-pretrained", "--strategy", "two-phase", "--epochs", "3", "--image-size", "32",
-        "--no-augment", "--optimizer", "sgd", "--lr", "0.05", "--no-progress", "--workers", "1", "--val-fraction", "0.25", "--device", "cpu"]
+        "--no-augment", "--optimizer", "sgd", "--lr", "0.05", "--no-progress", "--workers", "1", "--val-fraction",
+        "0.25", "--device", "cpu"]
 
 
 KILLER = """
@@ -37,9 +38,11 @@ def test_ddp_two_processes_match_one(folder, tmp_path, cli_run):
     killer = tmp_path / "killed_after_epoch_2.py"
     killer.write_text(KILLER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp_args = ["--dataset", f"folder:{folder}", *ARGS, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp"), "--name", "r"]
+    ddp_args = ["--dataset", f"folder:{folder}", *ARGS, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp"),
+                "--name", "r"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*torchrun, str(killer), "run", *ddp_args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*torchrun, str(killer), "run", *ddp_args], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0 and not (tmp_path / "ddp" / "r" / "summary.json").exists(), proc.stderr[-3000:]
     proc = subprocess.run([*torchrun, "-m", "transferbench", "run", *ddp_args, "--resume"],
                           env=env, capture_output=True, text=True, timeout=300)

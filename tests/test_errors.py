@@ -73,9 +73,11 @@ def test_mismatched_class_folders(tmp_path, cli_run):
 
 def test_weights_that_do_not_fit(folder, tmp_path, cli_run):
     torch.save(create_model("resnet18", 1000).model.state_dict(), tmp_path / "r18.pth")
-    expect_error(cli_run, tmp_path, "--dataset", f"folder:{folder}", "--model", "resnet34", "--weights", tmp_path / "r18.pth",
+    expect_error(cli_run, tmp_path, "--dataset", f"folder:{folder}", "--model", "resnet34", "--weights",
+                 tmp_path / "r18.pth",
                  "--strategy", "linear-probe", match="does not fit torchvision model 'resnet34'")
-    expect_error(cli_run, tmp_path, "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", tmp_path / "nope.pth",
+    expect_error(cli_run, tmp_path, "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights",
+                 tmp_path / "nope.pth",
                  "--strategy", "linear-probe", match="no such file")
 
 

@@ -23,7 +23,8 @@ def runs(tmp_path_factory):
         folder = make_folder(root / "imgs")
         for args in (["--model", "simple_cnn", "--strategy", "scratch", "--epochs", "2", "--image-size", "16"],
                      ["--model", "timm:test_vit", "--no-pretrained", "--strategy", "zero-shot", "--image-size", "32"]):
-            assert cli.main(["run", "--dataset", f"folder:{folder}", "--output-dir", str(root / "runs"), *args, *COMMON]) == 0
+            assert cli.main(["run", "--dataset", f"folder:{folder}", "--output-dir", str(root / "runs"), *args,
+                             *COMMON]) == 0
     return {"cnn": root / "runs" / "imgs-simple_cnn-scratch-s0", "vit": root / "runs" / "imgs-test_vit-zero-shot-s0"}
 
 

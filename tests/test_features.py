@@ -18,7 +18,8 @@ def prep(size, mean=(0.5,) * 3):
 @pytest.fixture
 def split():
     g = torch.Generator().manual_seed(0)
-    return ImageSet(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(6) % 3, list("abc"))
+    return ImageSet(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(6) % 3,
+                    list("abc"))
 
 
 def test_key_changes_with_every_input_and_only_then(split):
@@ -30,7 +31,8 @@ def test_key_changes_with_every_input_and_only_then(split):
     assert feature_key(a_again, prep(16), "resnet18", split) == base
     torch.manual_seed(1)
     other_head = create_model("resnet18", 3)
-    other_head.model.load_state_dict({k: v for k, v in a.model.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    other_head.model.load_state_dict({k: v for k, v in a.model.state_dict().items() if not k.startswith("fc.")},
+                                     strict=False)
     assert feature_key(other_head, prep(16), "resnet18", split) == base  # the head is not part of the features
     assert feature_key(a, prep(24), "resnet18", split) != base  # image size
     assert feature_key(a, prep(16, mean=(0.4, 0.5, 0.5)), "resnet18", split) != base  # normalisation
@@ -60,8 +62,10 @@ def test_cached_features_are_what_the_head_sees(split, tmp_path):
 
 
 def test_cached_linear_probe_equals_the_plain_one(folder, tmp_path, cli_run):
-    args = ["run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--no-pretrained", "--strategy", "linear-probe",
-            "--no-augment", "--epochs", "3", "--image-size", "16", "--batch-size", "8", "--no-progress", "--workers", "1",
+    args = ["run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--no-pretrained", "--strategy",
+            "linear-probe",
+            "--no-augment", "--epochs", "3", "--image-size", "16", "--batch-size", "8", "--no-progress", "--workers",
+            "1",
             "--output-dir", tmp_path / "runs", "--lr", "1e-2"]
     assert cli_run(*args, "--feature-cache", "--name", "cached")[0] == 0
     assert cli_run(*args, "--no-feature-cache", "--name", "plain")[0] == 0

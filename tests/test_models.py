@@ -90,7 +90,8 @@ def test_strategy_phases():
     assert parse_strategy("zero-shot").trainable(b.model, b.head) == frozenset()
     assert parse_strategy("full").trainable(b.model, b.head) == names
     two = parse_strategy("two-phase").phases(b.model, b.head, epochs=5, head_epochs=2, unfreeze_lr_scale=0.1)
-    assert [(p.first_epoch, p.end_epoch, p.trainable, p.lr_scale) for p in two] == [(0, 2, head, 1.0), (2, 5, names, 0.1)]
+    assert [(p.first_epoch, p.end_epoch, p.trainable, p.lr_scale) for p in two] == [(0, 2, head, 1.0), (2, 5, names,
+                                                                                                        0.1)]
     with pytest.raises(UserError, match="more parameter tensors than the model has \\(62\\)"):
         parse_strategy("last-n:63").trainable(b.model, b.head)
 

@@ -114,7 +114,8 @@ def test_report_numbers_references_and_selection(tmp_path, cli_run):
     k12_row = next(l for l in md.splitlines() if l.startswith("| resnet18 | last-n:12 |"))
     assert f"| {pm(k12)} | 3 | 70.00 | {100 * statistics.fmean(k12) - 70:+.2f} |" in k12_row
     times = [10.0 + i for i, r in enumerate(study.runs) if r.config.strategy == "last-n:12"]
-    assert k12_row.endswith(f"| {pm(of('last-n:12', 'best_val_acc')).split(' ±')[0]} | {statistics.fmean(times):.1f} | 100 |")
+    assert k12_row.endswith(f"| {pm(of('last-n:12', 'best_val_acc')).split(' ±')[0]} | {statistics.fmean(times):.1f} "
+                            f"| 100 |")
     probe_row = next(l for l in md.splitlines() if l.startswith("| resnet18 | linear-probe |"))
     assert f"| 50.00 (val) | {100 * statistics.fmean(probe_val) - 50:+.2f} |" in probe_row
     assert f"<td>{pm(k12)}</td>" in page and "<td>70.00</td>" in page
@@ -167,7 +168,8 @@ def test_dataset_names_and_runs_outside_studies(tmp_path, folder, cli_run):
     figures = lambda run, i: {"test_acc": 0.5, "best_val_acc": 0.5}  # noqa: E731
     fake_study(tmp_path, body, figures, name="plain")
     fake_study(tmp_path, labelled + body, figures, name="labelled")
-    write_run(RunConfig(dataset="cifar100", model="resnet18", strategy="full", epochs=1, output_dir=str(tmp_path / "runs" / "loose")),
+    write_run(RunConfig(dataset="cifar100", model="resnet18", strategy="full", epochs=1,
+                        output_dir=str(tmp_path / "runs" / "loose")),
               test_acc=0.3, best_val_acc=0.3)
     code, out, err = cli_run("report", tmp_path / "runs")
     assert code == 0, err
@@ -202,7 +204,8 @@ def test_rewriting_a_report_replaces_it_whole(tmp_path, cli_run):
     study = fake_study(tmp_path, BASE + "grid: {strategy: [full], image_size: [16, 32]}\n",
                        lambda run, i: {"test_acc": 0.5, "best_val_acc": 0.5, "train_time_s": 1.0 + i})
     assert cli_run("report", tmp_path / "runs")[0] == 0
-    assert {p.name.split("-")[-1] for p in (tmp_path / "runs" / "report-plots").iterdir()} == {"resolution.png", "time.png"}
+    assert {p.name.split("-")[-1] for p in (tmp_path / "runs" / "report-plots").iterdir()} == {"resolution.png",
+                                                                                               "time.png"}
     shutil.rmtree(study.runs[1].dir)
     (study.runs[1].dir).mkdir()
     (study.runs[1].dir / "config.json").write_text("{}")  # started again, not finished

@@ -22,13 +22,16 @@ def test_run_writes_a_complete_record_and_evaluate_reproduces_it(folder, tmp_pat
                              "--epochs", "3", "--output-dir", tmp_path / "runs", *COMMON)
     assert code == 0, err
     run_dir = tmp_path / "runs" / "imgs-simple_cnn-scratch-s0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "curves.png", "metrics.jsonl", "model.pt", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "curves.png", "metrics.jsonl", "model.pt",
+                                                         "summary.json"]
     summary, metrics = read_run(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    assert set(metrics[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"}
+    assert set(metrics[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
+                               "images_per_s"}
     assert 0 <= summary["test_acc"] <= 1 and summary["best_val_acc"] == max(m["val_acc"] for m in metrics)
     assert summary["best_epoch"] == 1 + max(range(3), key=lambda i: (metrics[i]["val_acc"], -i))
-    for key in ("test_loss", "epochs", "trainable_params", "total_params", "train_time_s", "images_per_s", "peak_memory_mb",
+    for key in ("test_loss", "epochs", "trainable_params", "total_params", "train_time_s", "images_per_s",
+                "peak_memory_mb",
                 "model", "dataset", "strategy", "seed", "image_size", "num_classes", "device", "versions"):
         assert key in summary
     assert set(summary["versions"]) == {"python", "torch", "torchvision", "timm"}
@@ -202,7 +205,8 @@ def test_cifar10_run_from_data_dir(tmp_path, cli_run, monkeypatch):
 def test_last_n_trains_only_the_last_tensors(folder, tmp_path, cli_run, resnet_weights):
     path, initial = resnet_weights
     code, out, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,
-                             "--strategy", "last-n:3", "--epochs", "1", "--lr", "1e-2", "--output-dir", tmp_path / "runs", *COMMON)
+                             "--strategy", "last-n:3", "--epochs", "1", "--lr", "1e-2", "--output-dir",
+                             tmp_path / "runs", *COMMON)
     assert code == 0, err
     final = torch.load(tmp_path / "runs" / "imgs-resnet18-last-n3-s0" / "model.pt", weights_only=False)["state_dict"]
     changed = {k for k, v in final.items() if not k.startswith("fc.") and not torch.equal(v, initial[k])}

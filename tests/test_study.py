@@ -78,9 +78,11 @@ BAD = [  # (what the file says, what the error must name)
     ("grid: {seed: 3}\n", ["grid.seed", "list"]),
     ("grid: {seed: [0, 0]}\n", ["grid.seed", "twice"]),
     ("grid: {seed: [0]}\nvariants:\n  a: {dataset: folder:nowhere}\n", ["variants.a.dataset", "nowhere"]),
-    ("grid: {seed: [0]}\nvariants:\n  a: {model: [simple_cnn, 'tv:no_such_net']}\n", ["variants.a.model", "no_such_net"]),
+    ("grid: {seed: [0]}\nvariants:\n  a: {model: [simple_cnn, 'tv:no_such_net']}\n", ["variants.a.model",
+                                                                                      "no_such_net"]),
     ("grid: {output_dir: [x]}\n", ["'output_dir' cannot be set"]),
-    ("grid: {seed: [0]}\nreferences:\n  - {match: {strategy: full}, value: 50}\n", ["references[0].match", "matches none"]),
+    ("grid: {seed: [0]}\nreferences:\n  - {match: {strategy: full}, value: 50}\n", ["references[0].match", "matches "
+                                                                                                           "none"]),
     ("grid: {seed: [0]}\nreferences:\n  - {match: {seed: 0}, value: 150}\n", ["references[0].value"]),
     ("grid: {seed: [0, 1]}\nselect: {among: {seed: [0, 1]}, by: test_acc}\n", ["select.by"]),
     ("grid: {seed: [0, 1]}\nselect: {among: {seed: 0}}\n", ["select.among", "at least two"]),
@@ -140,7 +142,8 @@ def test_rerun_skips_complete_runs_and_resumes_the_interrupted_one(folder, tmp_p
     finished_before = (first / "summary.json").read_bytes()
     started = []
     real_run = training.run
-    monkeypatch.setattr(training, "run", lambda cfg, **kw: started.append((cfg.name, kw["resume"])) or real_run(cfg, **kw))
+    monkeypatch.setattr(training, "run", lambda cfg, **kw: started.append((cfg.name, kw["resume"])) or real_run(cfg,
+                                                                                                                **kw))
     code, out, err = cli_run("study", path, "--output-dir", out_dir, "--no-progress")
     assert code == 0, err
     assert started == [(second.name, True)]
@@ -199,7 +202,8 @@ def test_shipped_study_passes_dry_run(path, tmp_path, cli_run, monkeypatch, no_t
 
 def test_shipped_studies_as_the_issue_lists_them():
     names = {p.stem for p in STUDIES}
-    for base in ("cifar10-backbones", "cifar10-resnet18-vs-cnn", "cifar100-resnet50-layerwise", "cifar10-efficientnet-b0"):
+    for base in ("cifar10-backbones", "cifar10-resnet18-vs-cnn", "cifar100-resnet50-layerwise",
+                 "cifar10-efficientnet-b0"):
         assert {base, base + "-improved"} <= names
     assert "cpu-cifar10-lite0" in names
     refs = {p.stem: {r.value for r in load_study(p, transform=lambda run: None).references} for p in STUDIES}
@@ -251,7 +255,8 @@ def shrink(data_dirs: dict, folder: Path):
         if kind == "last-n":
             c["strategy"] = f"last-n:{min(int(k), 40)}"
         epochs = c["epochs"]
-        c.update(model=tiny_model(c["model"]), pretrained=False, weights=None, batch_size=8, workers=1, val_fraction=0.2,
+        c.update(model=tiny_model(c["model"]), pretrained=False, weights=None, batch_size=8, workers=1,
+                 val_fraction=0.2,
                  device="cpu", amp=None, compile=False, head_epochs=1,
                  image_size=32 if (c["image_size"] or 0) > 96 else 16,
                  epochs=max(2 if kind == "two-phase" else 1, (epochs >= 50) + (epochs >= 100) + 1),
@@ -264,7 +269,8 @@ def shrink(data_dirs: dict, folder: Path):
 def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="transferbench")
     data_dirs = {"cifar10": write_cifar(tmp_path / "c10", "cifar10", monkeypatch, per_class_train=10),
-                 "cifar100": write_cifar(tmp_path / "c100", "cifar100", monkeypatch, per_class_train=2, per_class_test=1)}
+                 "cifar100": write_cifar(tmp_path / "c100", "cifar100", monkeypatch, per_class_train=2,
+                                         per_class_test=1)}
     folder = make_folder(tmp_path / "imgs", train_per_class=8, test_per_class=3, size=16)
     study = load_study(path, tmp_path / "runs", transform=shrink(data_dirs, folder))
     full = load_study(path, tmp_path / "runs", transform=anywhere)
@@ -282,7 +288,8 @@ def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypa
         assert f"| {ref.label} | {ref.value:.2f}" in md
     order = [r.name for r in study.runs]
     for sel in selection_results(runs):  # select on validation: the best best_val_acc, the file's first of equals
-        candidates = sorted((r for r in runs if r.in_study in study.selections[0].runs), key=lambda r: order.index(r.in_study))
+        candidates = sorted((r for r in runs if r.in_study in study.selections[0].runs),
+                            key=lambda r: order.index(r.in_study))
         best = max(candidates, key=lambda r: r.summary["best_val_acc"])
         assert sel["group"].runs[0].in_study == best.in_study
         assert sel["value"] == best.summary["test_acc"]

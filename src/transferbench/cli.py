@@ -41,7 +41,8 @@ def setup_logging(verbosity: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transferbench", description="Benchmark transfer learning for image classification.")
+    parser = argparse.ArgumentParser(prog="transferbench", description="Benchmark transfer learning for image "
+                                                                       "classification.")
     parser.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
                         help="only warnings and errors")
     parser.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="debug messages too")

@@ -93,10 +93,12 @@ def canonical_dataset(text: str) -> str:
 
 @dataclass
 class RunConfig:
-    dataset: str = option("cifar10", "cifar10, cifar100, or folder:PATH with PATH/train/<class>/* and PATH/test/<class>/*")
+    dataset: str = option("cifar10", "cifar10, cifar100, or folder:PATH with PATH/train/<class>/* and "
+                                     "PATH/test/<class>/*")
     data_dir: str | None = option(None, "where CIFAR pickles live / are downloaded (default $TRANSFERBENCH_DATA or "
                                         "~/.cache/transferbench/data)", neutral=True)
-    model: str = option("resnet50", "simple_cnn, a torchvision or timm model name; tv:NAME / timm:NAME force one library")
+    model: str = option("resnet50", "simple_cnn, a torchvision or timm model name; tv:NAME / timm:NAME force one "
+                                    "library")
     pretrained: bool | None = option(None, "load ImageNet weights the library's standard way (download + cache); "
                                            "default on except for scratch")
     weights: str | None = option(None, "local state dict for the backbone (classifier keys are dropped, every other "
@@ -152,17 +154,22 @@ class RunConfig:
         checks = [
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}"),
-            (self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got {self.train_subset}"),
+            (0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1 (exclusive), got "
+                                            f"{self.val_fraction}"),
+            (self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got "
+                                                                  f"{self.train_subset}"),
             (self.image_size is None or self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got "
+                                                                  f"{self.weight_decay}"),
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got "
+                                                                    f"{self.warmup_epochs}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.head_epochs >= 1, f"--head-epochs must be >= 1, got {self.head_epochs}"),
             (self.unfreeze_lr_scale > 0, f"--unfreeze-lr-scale must be > 0, got {self.unfreeze_lr_scale}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}"),
-            (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
+            (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; choose one of "
+                                           f"{', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"unknown --device '{self.device}'; choose one of {', '.join(DEVICES)}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.name is None or bool(self.name.strip()), "--name is empty: give a directory name, or leave it out"),
@@ -178,9 +185,11 @@ class RunConfig:
                 f"--epochs must be larger than that, got {self.epochs}"
             )
         if strategy.from_scratch and (self.pretrained or self.weights):
-            raise UserError(f"strategy '{strategy.name}' trains from random initialisation: drop --pretrained/--weights")
+            raise UserError(f"strategy '{strategy.name}' trains from random initialisation: drop "
+                            f"--pretrained/--weights")
         if self.bn_frozen and strategy.from_scratch:
-            raise UserError(f"--bn-frozen keeps pretrained BatchNorm statistics; strategy '{strategy.name}' has none to keep")
+            raise UserError(f"--bn-frozen keeps pretrained BatchNorm statistics; strategy '{strategy.name}' has none "
+                            f"to keep")
         if self.weights and self.pretrained:
             raise UserError("give either --pretrained (download) or --weights FILE (local), not both")
         if self.weights:
@@ -188,7 +197,8 @@ class RunConfig:
             if not path.exists():
                 raise UserError(f"--weights: no such file '{self.weights}'")
             if not path.is_file():
-                raise UserError(f"--weights {self.weights} is a directory; give the state-dict file inside it (.pth/.pt)")
+                raise UserError(f"--weights {self.weights} is a directory; give the state-dict file inside it "
+                                f"(.pth/.pt)")
 
     def resolved(self) -> "RunConfig":
         """Fill every default that depends on other options, so config.json says what actually ran."""

@@ -85,7 +85,8 @@ def ensure_cifar(name: str, root: Path) -> None:
     if archive.is_file():
         actual = file_digest(archive, "md5")
         if actual != cls.tgz_md5:
-            raise UserError(f"{archive} is corrupt (md5 {actual}, expected {cls.tgz_md5}): delete it and download it again from {cls.url}")
+            raise UserError(f"{archive} is corrupt (md5 {actual}, expected {cls.tgz_md5}): delete it and download it "
+                            f"again from {cls.url}")
         extract_archive(str(archive), str(root))
     else:
         try:
@@ -209,7 +210,8 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
     listings = {}
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise UserError(f"dataset folder {root} has no '{split}/' directory: expected {root}/train/<class>/ and {root}/test/<class>/")
+            raise UserError(f"dataset folder {root} has no '{split}/' directory: expected {root}/train/<class>/ and "
+                            f"{root}/test/<class>/")
         listings[split] = _list_folder(root / split)
     (train_classes, train_items), (test_classes, test_items) = listings["train"], listings["test"]
     if train_classes != test_classes:
@@ -293,7 +295,8 @@ def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_s
     train_part, val_part = train.subset(keep), train.subset(held)
     if train_subset is not None:
         if train_subset > len(train_part):
-            raise UserError(f"--train-subset {train_subset} is larger than the training split ({len(train_part)} images after validation)")
+            raise UserError(f"--train-subset {train_subset} is larger than the training split ({len(train_part)} "
+                            f"images after validation)")
         train_part = train_part.subset(stratified_subset(train_part.labels, train_subset, seed))
     return Splits(train_part, val_part, test)
 
@@ -354,7 +357,8 @@ class Preprocess:
         out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
         return out.permute(0, 3, 1, 2)
 
-    def __call__(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, augment: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         if augment:
             x = self.augment(x, generator)
         x = x.float()

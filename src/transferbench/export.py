@@ -75,7 +75,8 @@ def contract(run: FinishedRun) -> dict:
             "mean": list(dc.mean), "std": list(dc.std),
             "normalisation": "RGB values scaled to [0, 1], then (x - mean) / std per channel",
             "resize": f"whole image resized to {size}x{size} ({dc.interpolation}, antialiased when shrinking), as in "
-                      f"training; folders of mixed image sizes were first resized on the shorter side and centre-cropped",
+                      f"training; folders of mixed image sizes were first resized on the shorter side and "
+                      f"centre-cropped",
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(run.classes)],
                    "meaning": "logits, one per class in `classes` order (softmax gives probabilities)"},
@@ -95,7 +96,8 @@ def _export(model, example, path: Path, exporter: str) -> None:
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and says so
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
 
 
 def _set_metadata(path: Path, meta: dict) -> None:
@@ -261,7 +263,8 @@ def report_path(out: Path) -> Path:
 def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: str | None = None,
                overwrite: bool = False, calibration_images: int = 512, batch_size: int = 64,
                threads: int | None = None, data_dir: str | None = None, progress: bool = True) -> dict:
-    """Export a finished run to a verified ONNX file (int8 with quantize="int8"); returns the report written beside it."""
+    """Export a finished run to a verified ONNX file (int8 with quantize="int8"); returns the report written
+    beside it."""
     if quantize not in (None, *QUANTIZE):
         raise UserError(f"unknown --quantize '{quantize}'; choose {', '.join(QUANTIZE)}")
     for name, value in (("--calibration-images", calibration_images), ("--batch-size", batch_size),
@@ -289,7 +292,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
 
     info = {"format": "onnx", "file": out.name, "precision": "int8" if quantize else "float32", **contract(run),
             "source": {"run_dir": str(run_dir.resolve()), "model": run.cfg.model, "dataset": run.cfg.dataset,
-                       "strategy": run.cfg.strategy, "seed": run.cfg.seed, "recorded_test_acc": run.saved.get("test_acc")}}
+                       "strategy": run.cfg.strategy, "seed": run.cfg.seed,
+                       "recorded_test_acc": run.saved.get("test_acc")}}
     meta = {METADATA_KEY: json.dumps({k: info[k] for k in ("input", "output", "classes")})}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +304,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
         exporter, verification = export_verified(run, x, reference, final, meta)
         info["export"] = {"exporter": exporter, "opset": OPSET, "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]},
                           **_versions()}
-        info["verification"] = {"against": "the PyTorch model of model.pt, on test images preprocessed as in evaluation",
+        info["verification"] = {"against": "the PyTorch model of model.pt, on test images preprocessed as in "
+                                           "evaluation",
                                 **verification}
         if quantize == "int8":
             train = splits.train
@@ -324,10 +329,12 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
             f32, i8 = results["float32"], results["int8"]
             info["evaluation"] = {
                 "test_images": len(splits.test), "batch_size": batch_size, "threads": threads or "onnxruntime default",
-                "cpu_count": os.cpu_count(), "processor": cpu_name(), "pytorch_recorded_test_acc": run.saved.get("test_acc"),
+                "cpu_count": os.cpu_count(), "processor": cpu_name(),
+                "pytorch_recorded_test_acc": run.saved.get("test_acc"),
                 "float32": {"test_acc": f32["test_acc"], "images_per_s": f32["images_per_s"],
                             "size_mib": final.stat().st_size / 2**20},
-                "int8": {"test_acc": i8["test_acc"], "images_per_s": i8["images_per_s"], "size_mib": int8.stat().st_size / 2**20},
+                "int8": {"test_acc": i8["test_acc"], "images_per_s": i8["images_per_s"],
+                         "size_mib": int8.stat().st_size / 2**20},
                 "int8_float32_agreement": float((i8["predictions"] == f32["predictions"]).mean()),
                 "int8_speedup": i8["images_per_s"] / f32["images_per_s"],
             }

@@ -70,7 +70,8 @@ def resolve_name(name: str) -> tuple[str, str]:
     if timm.is_model(name):
         return "timm", name
     choices = dict.fromkeys(["simple_cnn", *_torchvision_names(), *timm.list_models()])
-    raise UserError(f"unknown model '{name}' (not simple_cnn, a torchvision or a timm model).{did_you_mean(name, choices)}")
+    raise UserError(f"unknown model '{name}' (not simple_cnn, a torchvision or a timm "
+                    f"model).{did_you_mean(name, choices)}")
 
 
 def _module_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -173,7 +174,8 @@ def load_backbone_weights(bundle: ModelBundle, path: str | Path) -> None:
         if unexpected:
             parts.append(f"not in the model: {show(unexpected)}")
         if wrong_shape:
-            parts.append("shape differs: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]))
+            shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]
+            parts.append("shape differs: " + show(shapes))
         raise UserError(
             f"--weights {path} does not fit {bundle.source} model '{bundle.arch}' "
             f"(classifier '{bundle.head}' excluded): " + "; ".join(parts)

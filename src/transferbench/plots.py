@@ -121,7 +121,8 @@ def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, line in enumerate(lines.values()):
         color, xs = f"C{i % 10}", [x for x, _ in line]
-        ax.errorbar(xs, [100 * g.mean("test_acc") for _, g in line], yerr=[100 * (g.std("test_acc") or 0) for _, g in line],
+        ax.errorbar(xs, [100 * g.mean("test_acc") for _, g in line],
+                    yerr=[100 * (g.std("test_acc") or 0) for _, g in line],
                     fmt="o-", color=color, capsize=3, label=group_label(line[0][1], label_keys))
         ax.plot(xs, [100 * g.mean("best_val_acc") for _, g in line], "x--", color=color, alpha=0.5)
     ax.plot([], [], "ko-", label="test")

@@ -97,7 +97,8 @@ class Section:
         chosen = {s["group"].key: s["name"] for s in self.selections if s.get("group") is not None}
         rows = []
         for g in self.groups:
-            row = [dataset_label(str(g.settings.get("dataset")), g.study, self.labels)] if len(self.datasets) > 1 else []
+            several = len(self.datasets) > 1
+            row = [dataset_label(str(g.settings.get("dataset")), g.study, self.labels)] if several else []
             strategy = str(g.get("strategy")) + (f" ★ {chosen[g.key]}" if g.key in chosen else "")
             row += [str(g.get("model")), strategy] + [self.cell(g, k) for k in self.columns]
             row += [pct(g.mean("test_acc"), g.std("test_acc"))]
@@ -107,7 +108,8 @@ class Section:
                 refs = references_for(g)
                 row += [" / ".join(f"{r['value']:.2f}" + (" (val)" if r.get("metric") == "best_val_acc" else "")
                                    for r in refs) or "",
-                        " / ".join(f"{100 * g.mean(r.get('metric', 'test_acc')) - r['value']:+.2f}" for r in refs) or ""]
+                        " / ".join(f"{100 * g.mean(r.get('metric', 'test_acc')) - r['value']:+.2f}"
+                                   for r in refs) or ""]
             t, ips = g.mean("train_time_s"), g.mean("images_per_s")
             row += [pct(g.mean("best_val_acc")), "—" if not t else f"{t:.1f}" if t < 100 else f"{t:.0f}",
                     "—" if ips is None else f"{ips:.0f}"]
@@ -216,7 +218,8 @@ INTRO = ("Accuracies in percent: test accuracy of the epoch selected on validati
 
 def render_markdown(root: Path, runs: list[Run], sections: list[Section], unfinished: int) -> str:
     out = ["# transferbench report", "",
-           f"{len(runs)} finished runs under `{root}`" + (f" ({unfinished} unfinished, not shown)" if unfinished else "") + ".",
+           f"{len(runs)} finished runs under `{root}`"
+           + (f" ({unfinished} unfinished, not shown)" if unfinished else "") + ".",
            "", INTRO, ""]
     refs = reference_rows(sections)
     if refs:
@@ -235,7 +238,8 @@ def render_markdown(root: Path, runs: list[Run], sections: list[Section], unfini
 
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0 1.2em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f0f0f0; }

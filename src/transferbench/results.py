@@ -190,7 +190,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
         if g.study is not None:
             index = {n: i for i, n in enumerate(g.study.order)}
             return (0, min(index.get(r.in_study, len(index)) for r in g.runs), "")
-        return (1, 0, _key([g.settings.get("dataset"), g.settings.get("model"), g.settings.get("strategy"), g.settings]))
+        s = g.settings
+        return (1, 0, _key([s.get("dataset"), s.get("model"), s.get("strategy"), s]))
     return sorted(groups.values(), key=order)
 
 
@@ -277,16 +278,19 @@ def selection_results(runs: list[Run]) -> list[dict]:
             by, report = sel.get("by", "best_val_acc"), sel.get("report", "test_acc")
             candidates = group_runs([r for r in study_runs if r.in_study in set(planned)])
             finished = sum(len(g.runs) for g in candidates)
-            result = {"study": study.name, "study_info": study, "name": sel.get("name", "selection"), "by": by, "report": report,
+            result = {"study": study.name, "study_info": study, "name": sel.get("name", "selection"), "by": by,
+                      "report": report,
                       "planned": len(planned), "finished": finished, "configurations": len(candidates), "group": None}
             if not candidates:
-                result["text"] = f"{study.name}: {result['name']}: none of its {len(planned)} candidate runs has finished"
+                result["text"] = (f"{study.name}: {result['name']}: none of its {len(planned)} candidate runs "
+                                  f"has finished")
                 results.append(result)
                 continue
             best = max(candidates, key=lambda g: g.mean(by))  # the first of equals: the study file's order
             label = group_label(best, varying_keys(candidates, declared=True) or ["model", "strategy"])
             n = len(best.runs)
-            result.update(group=best, label=label, by_value=best.mean(by), value=best.mean(report), std=best.std(report),
+            result.update(group=best, label=label, by_value=best.mean(by), value=best.mean(report),
+                          std=best.std(report),
                           seeds=n)
             text = (f"{study.name}: {result['name']}: {label} has the best {by} ({pct(best.mean(by))}%) of "
                     f"{len(candidates)} configurations; its {report}: {pct(best.mean(report), best.std(report))}%"

@@ -83,7 +83,8 @@ class Strategy:
             return frozenset(names[-self.k:])
         return frozenset(names)
 
-    def phases(self, model: nn.Module, head: str, epochs: int, head_epochs: int, unfreeze_lr_scale: float) -> list[Phase]:
+    def phases(self, model: nn.Module, head: str, epochs: int, head_epochs: int,
+               unfreeze_lr_scale: float) -> list[Phase]:
         if self.phased:
             return [Phase(0, 0, head_epochs, self.trainable(model, head, 0)),
                     Phase(1, head_epochs, epochs, self.trainable(model, head, 1), unfreeze_lr_scale)]

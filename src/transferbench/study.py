@@ -354,7 +354,8 @@ def _parse_variants(src: str, doc: dict) -> dict[str, dict]:
     variants: dict[str, dict] = {}
     for vname, body in raw.items():
         if not isinstance(vname, str) or not _NAME_RE.fullmatch(vname):
-            raise UserError(f"{src}: variants: {vname!r} must be a plain directory name (letters, digits, '.', '_', '-')")
+            raise UserError(f"{src}: variants: {vname!r} must be a plain directory name (letters, digits, '.', '_', "
+                            f"'-')")
         variants[vname] = {}
         for key, value in _mapping(src, f"variants.{vname}", body).items():
             _check_key(src, f"variants.{vname}", key)
@@ -422,7 +423,8 @@ def _parse_references(src: str, doc: dict, runs: list[PlannedRun]) -> list[Refer
         entry = _mapping(src, where, entry, allow_empty=False)
         _check_entry_keys(src, where, entry, REFERENCE_KEYS)
         if "match" not in entry or "value" not in entry:
-            raise UserError(f"{src}: {where}: needs 'match' (which runs) and 'value' (the published figure, in percent)")
+            raise UserError(f"{src}: {where}: needs 'match' (which runs) and 'value' (the published figure, in "
+                            f"percent)")
         match = _parse_match(src, f"{where}.match", entry["match"])
         value = entry["value"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
@@ -527,8 +529,10 @@ def check_existing(study: Study) -> dict[str, str]:
             if diffs:
                 k = diffs[0]
                 raise UserError(
-                    f"{run.dir} was {'run' if state == 'complete' else 'started'} with {k}={saved[k]!r}, but {study.path} "
-                    f"now says {k}={planned[k]!r}; choose another --output-dir, or delete that run directory to redo it")
+                    f"{run.dir} was {'run' if state == 'complete' else 'started'} with {k}={saved[k]!r}, but "
+                    f"{study.path} "
+                    f"now says {k}={planned[k]!r}; choose another --output-dir, or delete that run directory to redo "
+                    f"it")
         states[run.name] = state
     return states
 
@@ -570,7 +574,8 @@ class _Overall:
         return f"~{_duration(elapsed / self.spent_weight * self.left_weight)} left"
 
     def status(self) -> str:
-        return f"{self.done}/{self.total} runs done, {_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}"
+        elapsed = _duration(time.perf_counter() - self.start)
+        return f"{self.done}/{self.total} runs done, {elapsed} elapsed, {self.eta()}"
 
     def refresh(self) -> None:
         self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
@@ -644,6 +649,7 @@ def plan_lines(study: Study) -> list[str]:
                      + (f" [{ref.source}]" if ref.source else ""))
     for sel in study.selections:
         lines.append(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}, reporting its {sel.report}")
-    lines.append(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} complete; "
+    lines.append(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} "
+                 f"complete; "
                  f"nothing was run")
     return lines

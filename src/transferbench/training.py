@@ -91,7 +91,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.
     return cls(groups, lr=lr)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -308,7 +309,8 @@ def train_one_epoch(exp: Experiment, state: PhaseState, epoch: int) -> dict:
                 (exp.run_dir / rundir.CHECKPOINT).exists() else "no epoch completed, so no checkpoint was written")
         raise UserError(f"training loss became NaN/inf in epoch {epoch + 1}; {last}. "
                         f"Lower --lr (now {cfg.lr * state.phase.lr_scale:g}) or check the data.")
-    return {"epoch": epoch + 1, "phase": state.phase.index, "train_loss": loss_sum / count, "train_acc": correct / count,
+    return {"epoch": epoch + 1, "phase": state.phase.index, "train_loss": loss_sum / count,
+            "train_acc": correct / count,
             "epoch_time_s": seconds, "images_per_s": count / seconds}
 
 
@@ -359,7 +361,8 @@ def finish(exp: Experiment, done: Progress) -> dict:
         "test_acc": test_acc, "test_loss": test_loss, "best_val_acc": done.best["val_acc"],
         "best_epoch": done.best["epoch"], "epochs": cfg.epochs, "trainable_params": trainable, "total_params": total,
         "train_time_s": train_time,
-        "images_per_s": sum(h["images_per_s"] * h["epoch_time_s"] for h in trained) / train_time if train_time else None,
+        "images_per_s": (sum(h["images_per_s"] * h["epoch_time_s"] for h in trained) / train_time
+                         if train_time else None),
         "peak_memory_mb": peak_memory_mb(exp.device), "model": cfg.model, "dataset": cfg.dataset,
         "strategy": cfg.strategy, "seed": cfg.seed, "image_size": cfg.image_size, "num_classes": len(classes),
         "device": str(exp.device), "world_size": distributed.world_size(), "feature_cache": exp.cached,

@@ -21,5 +21,6 @@ def command(args) -> int:
     result = evaluate_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     print(json.dumps(result))
     if result["test_acc"] != result["recorded_test_acc"]:
-        log.warning(f"test accuracy {result['test_acc']:.6f} differs from the recorded {result['recorded_test_acc']:.6f}")
+        log.warning(f"test accuracy {result['test_acc']:.6f} differs from the recorded "
+                    f"{result['recorded_test_acc']:.6f}")
     return 0

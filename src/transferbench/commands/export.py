@@ -10,7 +10,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (with model.pt)")
     parser.add_argument("--format", default="onnx", choices=export.FORMATS, help="export format (default: onnx)")
     parser.add_argument("--out", default=None, metavar="FILE",
-                        help="output file (default RUN_DIR/model.onnx, or RUN_DIR/model.int8.onnx with --quantize int8); "
+                        help="output file (default RUN_DIR/model.onnx, or RUN_DIR/model.int8.onnx with --quantize "
+                             "int8); "
                              "the preprocessing contract and the report go to FILE.json")
     parser.add_argument("--quantize", default=None, choices=export.QUANTIZE,
                         help="int8: static quantization calibrated on the run's training images, then evaluated "

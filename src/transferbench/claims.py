@@ -1,0 +1,216 @@
+"""Run claims: which worker owns which run of a study, so no run is trained twice and a crashed worker's run is resumed.
+
+A claim is `<run dir>/claim.json`, published with `os.link` (atomic and exclusive, also on NFS). While a worker
+trains, a daemon thread touches the file's mtime every `heartbeat_s`; a claim whose mtime is older than
+`stale_after_s` belongs to a dead (or hung) worker and may be taken over by exactly one other worker.
+
+Freshness is judged by the claim file's mtime only, never by a clock written into the JSON: on NFS `os.utime(path)`
+asks the server to stamp its own time, so every machine reads one clock, and a file with unreadable JSON is judged
+the same way. The JSON's `heartbeat` is the claim time; `claim_state` reports the mtime as the live heartbeat.
+`stale_after_s` must exceed the clock skew between machines and the file server, plus a few heartbeats.
+
+A worker should re-check that the run has no summary.json *after* claiming: another worker may have finished it and
+released its claim between listing the study and claiming.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+CLAIM_FILE = "claim.json"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The claim's JSON, or None when it is unreadable or not an object (judged by mtime alone then)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _is_stale(st: os.stat_result, stale_after_s: float) -> bool:
+    return time.time() - st.st_mtime > stale_after_s
+
+
+def _publish(run_dir: Path, info: dict[str, Any]) -> bool:
+    """Create run_dir/claim.json holding `info`, exclusively; False when a claim is already there.
+
+    The JSON goes into a private temp file first and is then hard-linked to the claim name: link() fails if the name
+    exists, on NFS too (O_EXCL is not exclusive on old NFS clients), and readers never see a half-written claim.
+    """
+    claim = run_dir / CLAIM_FILE
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CLAIM_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        try:
+            os.link(tmp, claim)
+            return True
+        except OSError as e:
+            # NFS can retransmit a link whose reply was lost and report EEXIST although the first try made it;
+            # open(2) recommends trusting the temp file's link count instead.
+            if os.stat(tmp).st_nlink == 2:
+                return True
+            if isinstance(e, FileExistsError):
+                return False
+            raise
+    finally:
+        os.unlink(tmp)
+
+
+class Claim:
+    """A run this process owns. `with claim:` heartbeats while the block runs and releases at the end.
+
+    `lost` turns True when the heartbeat finds the claim gone or someone else's (we were judged dead and taken
+    over): the caller should stop training that run, and release() will leave the new owner's claim alone.
+    """
+
+    def __init__(self, path: Path, info: dict[str, Any], heartbeat_s: float):
+        self.path = path
+        self.info = info
+        self.token: str = info["token"]
+        self.heartbeat_s = heartbeat_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"Claim({str(self.path)!r}, host={self.info['host']!r}, pid={self.info['pid']}, lost={self.lost})"
+
+    def is_ours(self) -> bool:
+        """Whether claim.json still carries our token (False if it is gone or was taken over)."""
+        info = _read(self.path)
+        return info is not None and info.get("token") == self.token
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                info = json.loads(self.path.read_text())
+                if not isinstance(info, dict) or info.get("token") != self.token:
+                    break
+                # Touch, don't rewrite: replacing the file after checking the token could clobber a claim that a
+                # taker published in between; a stray touch of the new owner's file only keeps it fresh.
+                os.utime(self.path)
+            except (FileNotFoundError, ValueError):
+                break  # gone or not our well-formed file: taken over
+            except OSError:
+                continue  # a transient NFS error: the next beat retries, well before the claim goes stale
+        else:
+            return  # stopped by release()
+        self.lost = True
+
+    def start_heartbeat(self) -> Claim:
+        if self._thread is None and not self._released:
+            self._thread = threading.Thread(target=self._beat, name=f"claim-heartbeat:{self.path.parent.name}",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """Stop heartbeating and delete claim.json if it is still ours. Safe to call twice."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._released:
+            return
+        self._released = True
+        # Check-then-unlink leaves a window, but a taker only acts on a claim already stale_after_s old, and ours
+        # was heartbeating until just now.
+        if not self.lost and self.is_ours():
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Claim:
+        return self.start_heartbeat()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _check_intervals(stale_after_s: float, heartbeat_s: float) -> None:
+    if heartbeat_s <= 0:
+        raise UserError(f"Claim heartbeat_s must be positive, got {heartbeat_s}.")
+    if stale_after_s < 2 * heartbeat_s:
+        raise UserError(f"Claim stale_after_s={stale_after_s} must be at least twice heartbeat_s={heartbeat_s}, "
+                        "or one late heartbeat gets a live worker's run taken over; use e.g. 120 s and 15 s.")
+
+
+def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create run directory {run_dir} to claim it: {e.strerror or e}.") from e
+    return run_dir
+
+
+def try_claim(run_dir: str | os.PathLike[str], *, stale_after_s: float = 120.0,
+              heartbeat_s: float = 15.0) -> Claim | None:
+    """Claim run_dir for this process, or None if a live worker holds it, another taker beat us to a stale one,
+    or its holder released it just now (look at the run again).
+
+    The heartbeat is not started: use `with claim:` or `claim.start_heartbeat()`.
+    """
+    _check_intervals(stale_after_s, heartbeat_s)
+    run_dir = _run_dir(run_dir)
+    claim = run_dir / CLAIM_FILE
+    now = time.time()
+    token = uuid.uuid4().hex
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now, "token": token}
+    if _publish(run_dir, info):
+        return Claim(claim, info, heartbeat_s)
+
+    try:
+        seen = os.stat(claim)
+    except FileNotFoundError:
+        return None  # released just now: the run is probably done, and the caller can look again
+    if not _is_stale(seen, stale_after_s):
+        return None
+    # Move the stale claim aside under a name only we use: of several takers renaming the same file, exactly one
+    # succeeds and the rest get FileNotFoundError.
+    aside = run_dir / f"{CLAIM_FILE}.stale-{token}"
+    try:
+        os.rename(claim, aside)
+    except FileNotFoundError:
+        return None
+    moved = os.stat(aside)
+    if (moved.st_dev, moved.st_ino) != (seen.st_dev, seen.st_ino) or not _is_stale(moved, stale_after_s):
+        # Between our stat and rename another taker replaced the stale claim with a fresh one, or its owner woke up
+        # and heartbeat: put it back (exclusively, in case a third worker claimed the empty name meanwhile).
+        try:
+            os.link(aside, claim)
+        except FileExistsError:
+            pass  # the moved claim's owner will find a foreign token at its next heartbeat and set lost
+        os.unlink(aside)
+        return None
+    os.unlink(aside)
+    now = time.time()
+    info.update(started=now, heartbeat=now)
+    return Claim(claim, info, heartbeat_s) if _publish(run_dir, info) else None
+
+
+def claim_state(run_dir: str | os.PathLike[str], stale_after_s: float = 120.0) -> dict[str, Any] | None:
+    """What `study --status` shows for a run: None when unclaimed, else the claim's host/pid/started/token plus
+    `heartbeat` (the file's mtime), `age_s` since it and `stale`. An unreadable claim reports only those three."""
+    claim = Path(run_dir) / CLAIM_FILE
+    try:
+        st = os.stat(claim)
+    except FileNotFoundError:
+        return None
+    state = _read(claim) or {}
+    age = time.time() - st.st_mtime
+    state.update(heartbeat=st.st_mtime, age_s=age, stale=age > stale_after_s)
+    return state
