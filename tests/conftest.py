@@ -20,6 +20,10 @@ def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache and data dirs: nothing leaks between tests or from the user's home."""
     monkeypatch.setenv("TRANSFERBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TRANSFERBENCH_DATA", str(tmp_path / "data"))
+    # Hermetic: pretrained weights are never found in (or downloaded into) the user's caches.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:

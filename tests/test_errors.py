@@ -89,16 +89,22 @@ def test_bad_numbers(folder, tmp_path, cli_run):
 
 
 def test_offline_pretrained_download_says_use_weights(folder, tmp_path, cli_run, monkeypatch):
+    """The function torchvision really downloads weights through is made to fail as it does offline; the
+    test never touches the network (and TORCH_HOME is a temporary directory, see conftest)."""
     import urllib.error
 
-    import torch.hub
+    import torchvision.models._api as tv_api
 
-    def offline(*a, **k):
+    calls = []
+
+    def offline(url, *a, **k):
+        calls.append(url)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
     expect_error(cli_run, tmp_path, "--dataset", f"folder:{folder}", "--model", "resnet18", "--pretrained",
                  "--strategy", "linear-probe", match="--weights FILE")
+    assert calls and calls[0].startswith("https://download.pytorch.org/models/resnet18")
 
 
 def test_existing_complete_run_is_never_overwritten_silently(folder, tmp_path, cli_run):

@@ -158,7 +158,9 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(folder, tmp_path, cli_run
     assert code == 2 and "--resume" in err  # never silently overwritten
     monkeypatch.setattr(training, "after_epoch", lambda epoch: None)
     code, out, err = cli_run(*args, "--name", "killed", "--resume")
-    assert code == 0, err and "resuming" in out
+    assert code == 0, err
+    assert "resuming" in out and "after epoch 2" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["3/3"]  # only what was left
     a, ma = read_run(tmp_path / "runs" / "straight")
     b, mb = read_run(tmp_path / "runs" / "killed")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in rows]

@@ -6,6 +6,7 @@ normalisation and augmentation happen per batch on the training device, never pe
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from . import distributed
 from .config import DatasetSpec, cache_dir, default_data_dir
 from .errors import UserError, did_you_mean
-from .rundir import atomic_torch_save, file_digest
+from .rundir import atomic_torch_save, file_digest, writable_dir
 
+log = logging.getLogger(__name__)
 BUILTIN = ("cifar10", "cifar100")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass
@@ -116,20 +118,26 @@ def load_cifar(name: str, root: Path) -> tuple[ImageSet, ImageSet]:
 # --------------------------------------------------------------------------------------------- folder
 
 def _list_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders and their images, at any depth below each class folder (sub-folders of a class are
+    part of it). Files that are not images are named in a warning, never dropped silently."""
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
-    items = []
+    items, skipped = [], []
     for label, cls in enumerate(classes):
-        files = sorted(
-            p for p in (split_dir / cls).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
+        files = sorted(p for p in (split_dir / cls).rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not images:
             raise UserError(
                 f"class folder {split_dir / cls} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 f"add images or remove the folder"
             )
-        items.extend((f, label) for f in files)
+        items.extend((f, label) for f in images)
+    if skipped:
+        shown = ", ".join(str(p.relative_to(split_dir)) for p in skipped[:5])
+        log.warning(f"{split_dir}: skipped {len(skipped)} file(s) that are not images ({', '.join(IMAGE_EXTENSIONS)}):"
+                    f" {shown}" + (", ..." if len(skipped) > 5 else ""))
     return classes, items
 
 
@@ -175,13 +183,29 @@ def _decode(path: Path, size: int | None) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as decoded: after the EXIF rotation image_array applies."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # 90-degree orientations
     except Exception as err:
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+def load_cached(path: Path, key: str, rows: int) -> torch.Tensor | None:
+    """A tensor from a cache file, or None (with a warning, the file removed) when the file is unreadable
+    or does not hold `rows` rows: a cache is rebuilt, never trusted blindly and never fatal."""
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)[key]
+        if not isinstance(tensor, torch.Tensor) or len(tensor) != rows:
+            raise ValueError(f"expected {rows} rows")
+        return tensor
+    except Exception as err:
+        log.warning(f"cache file {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _listing(items: list[tuple[Path, int]]) -> bytes:
@@ -189,12 +213,12 @@ def _listing(items: list[tuple[Path, int]]) -> bytes:
     lines = []
     for path, label in items:
         st = path.stat()
-        lines.append(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n")
+        lines.append(f"{path.as_posix()}|{label}|{st.st_size}|{st.st_mtime_ns}\n")
     return "".join(lines).encode()
 
 
 def _decoded_cache_file(root: Path, listing: bytes, size: int | None) -> Path:
-    key = hashlib.sha256(f"v1|{root.resolve()}|{size}".encode() + listing).hexdigest()[:24]
+    key = hashlib.sha256(f"v2|{root.resolve()}|{size}".encode() + listing).hexdigest()[:24]
     return cache_dir() / "decoded" / f"{key}.pt"
 
 
@@ -226,15 +250,16 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
     # "brought to storage_size".
     listing = _listing(all_items)
     cached = [f for f in (_decoded_cache_file(root, listing, s) for s in (None, storage_size)) if f.is_file()]
-    if cached:
-        images = torch.load(cached[0], weights_only=True)["images"]
-    else:
+    images = load_cached(cached[0], "images", len(all_items)) if cached else None
+    if images is None:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             sizes = set(pool.map(lambda it: _image_size(it[0]), all_items))
             size = None if len(sizes) == 1 else storage_size
             decoded = list(pool.map(lambda it: _decode(it[0], size), all_items))
         images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
-        atomic_torch_save({"images": images}, _decoded_cache_file(root, listing, size))
+        path = _decoded_cache_file(root, listing, size)
+        writable_dir(path.parent, "the cache directory (TRANSFERBENCH_CACHE)")
+        atomic_torch_save({"images": images}, path)
     labels = torch.tensor([lbl for _, lbl in all_items], dtype=torch.long)
     n = len(train_items)
     return (ImageSet(images[:n], labels[:n], train_classes), ImageSet(images[n:], labels[n:], test_classes))
@@ -290,15 +315,55 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def _check_classes(train: ImageSet, test: ImageSet) -> None:
+    """Every class can be learned, validated and tested: a class short of images would make validation
+    empty for it (every epoch "selected" on nothing) or score a class the model never saw."""
+    classes = train.classes
+    if len(classes) < 2:
+        raise UserError(f"the dataset has {len(classes)} class ({', '.join(classes)}): classification needs at least "
+                        f"2 classes (a one-class test split scores 100% whatever the model does)")
+    counts = np.bincount(train.labels.numpy(), minlength=len(classes))
+    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < 2]
+    if short:
+        raise UserError(f"every class needs at least 2 training images (one for validation, one to train on); "
+                        f"too few: {', '.join(short[:10])}" + (" ..." if len(short) > 10 else "")
+                        + ". Add images, or remove those classes")
+    unseen = sorted({classes[c] for c in test.labels.unique().tolist()} - {classes[c] for c in np.flatnonzero(counts)})
+    if unseen:
+        raise UserError(f"test images of classes the training split never has: {', '.join(unseen[:10])}")
+
+
 def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_subset: int | None, seed: int) -> Splits:
+    _check_classes(train, test)
     keep, held = stratified_split(train.labels, val_fraction, seed)
     train_part, val_part = train.subset(keep), train.subset(held)
     if train_subset is not None:
+        n_classes = len(train.classes)
         if train_subset > len(train_part):
             raise UserError(f"--train-subset {train_subset} is larger than the training split ({len(train_part)} "
                             f"images after validation)")
+        if train_subset < n_classes:
+            raise UserError(f"--train-subset {train_subset} is smaller than the number of classes ({n_classes}): "
+                            f"some classes would have no training image; use at least {n_classes}")
         train_part = train_part.subset(stratified_subset(train_part.labels, train_subset, seed))
+        missing = sorted(set(range(n_classes)) - set(train_part.labels.unique().tolist()))
+        if missing:
+            raise UserError(f"--train-subset {train_subset} leaves classes {[train.classes[c] for c in missing][:10]} "
+                            f"without a training image (they are rare in this dataset); use a larger subset")
     return Splits(train_part, val_part, test)
+
+
+def fingerprint(splits: Splits) -> str:
+    """What the data of a run is, cheaply: classes, every label of every split, shapes, and a strided
+    sample of every image's pixels. A resumed run refuses to continue on other data."""
+    h = hashlib.sha256()
+    h.update("|".join(splits.classes).encode())
+    for part in (splits.train, splits.val, splits.test):
+        h.update(f"{tuple(part.images.shape)}".encode())
+        h.update(part.labels.numpy().tobytes())
+        step = max(1, part.images.shape[-1] // 16)
+        h.update(part.images[..., ::step, ::step].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ preprocessing

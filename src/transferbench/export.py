@@ -296,7 +296,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, quantize: 
                        "recorded_test_acc": run.saved.get("test_acc")}}
     meta = {METADATA_KEY: json.dumps({k: info[k] for k in ("input", "output", "classes")})}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.writable_dir(out.parent, "--out")
     # Everything is built and checked in a temporary directory beside --out, then renamed into place.
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

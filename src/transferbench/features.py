@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import RunConfig, cache_dir
-from .data import Batches, ImageSet, Preprocess, Splits
+from .data import Batches, ImageSet, Preprocess, Splits, load_cached
 from .errors import UserError
 from .models import ModelBundle
 from .strategies import Strategy
@@ -79,10 +79,10 @@ def extract_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, dev
 def cached_features(bundle: ModelBundle, split: ImageSet, prep: Preprocess, model_name: str, device: torch.device,
                     batch_size: int, desc: str, progress: bool = True) -> ImageSet:
     path = cache_dir() / "features" / f"{feature_key(bundle, prep, model_name, split)}.pt"
-    if path.is_file():
-        feats = torch.load(path, map_location="cpu", weights_only=True)["features"]
-    else:
+    feats = load_cached(path, "features", len(split)) if path.is_file() else None
+    if feats is None:
         feats = extract_features(bundle, split, prep, device, batch_size, desc, progress)
+        rundir.writable_dir(path.parent, "the cache directory (TRANSFERBENCH_CACHE)")
         rundir.atomic_torch_save({"features": feats}, path)
     return ImageSet(feats, split.labels, split.classes)
 

@@ -5,6 +5,8 @@ classifier module (what "head" means to every strategy), and the preprocessing c
 """
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,22 +145,72 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"--weights {path}: not a state dict (a mapping of parameter names to tensors)")
+        raise UserError(f"--weights {path}: not a state dict (a mapping of parameter names to tensors). {EXPECTED}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_backbone_weights(bundle: ModelBundle, path: str | Path) -> None:
-    """Load a local state dict into everything but the classifier; any other mismatch is an error."""
+EXPECTED = ("expected a PyTorch state dict saved with torch.save(model.state_dict(), PATH) (.pth/.pt), "
+            "optionally wrapped as {'state_dict': ...}")
+
+
+def _what_file(path: Path) -> str | None:
+    """What a weights file that torch refused is, from its first bytes; None for a PyTorch / pickle file."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file (Keras / TensorFlow weights?)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return None if any(n.endswith("data.pkl") for n in z.namelist()) else "a zip archive (a .npz?)"
+        except zipfile.BadZipFile:
+            return "a damaged zip archive (an interrupted download?)"
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch's legacy format, or a plain pickle
+        return None
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a PyTorch file"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local weights file as a state dict, read safely (tensors only: a weights file never runs code)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"--weights {path} is a directory; give the state-dict file inside it. {EXPECTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"--weights: no such file '{path}'") from None
     except Exception as err:
-        raise UserError(f"--weights {path}: cannot be read as a PyTorch file ({type(err).__name__}: {err})") from None
-    state = _unwrap_state_dict(obj, path)
+        what = _what_file(path)
+        if what is not None or not isinstance(err, pickle.UnpicklingError):
+            raise UserError(f"--weights {path} is {what or 'not readable as a PyTorch file'}, not PyTorch weights. "
+                            f"{EXPECTED}") from None
+        # A pickled Python object (typically a whole nn.Module saved with torch.save(model)): loading it would
+        # run code from the file, which transferbench never does; torch's advice to do so is not repeated.
+        raise UserError(f"--weights {path} holds pickled Python objects (a whole model saved with torch.save(model)?), "
+                        f"not just tensors; load it where it was made and save model.state_dict() instead. "
+                        f"{EXPECTED}") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def load_backbone_weights(bundle: ModelBundle, path: str | Path) -> None:
+    """Load a local state dict into everything but the classifier; any other mismatch is an error."""
+    path = Path(path).expanduser()
+    state = read_state_dict(path)
     prefix = bundle.head + "."
     state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"--weights {path} has NaN or infinite values in {len(bad)} tensor(s): "
+                        f"{', '.join(bad[:5])}" + (", ..." if len(bad) > 5 else "") + "; the file is damaged or "
+                        "was saved from a diverged model")
     own = {k: v for k, v in bundle.model.state_dict().items() if not k.startswith(prefix)}
     # BatchNorm's step counter is bookkeeping, not weights: files saved without it still fit.
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))

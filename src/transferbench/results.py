@@ -184,6 +184,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
         key = _group_key(run)
         if key not in groups:
             groups[key] = Group(run.study, run.variant, run.settings, [])
+        twin = next((r for r in groups[key].runs if r.config.get("seed") == run.config.get("seed")), None)
+        if twin is not None:  # a copied run directory is not a second seed: it would fake a tiny spread
+            log.warning(f"{run.dir} repeats {twin.dir} (same configuration, same seed {run.config.get('seed')}); "
+                        f"counted once")
+            continue
         groups[key].runs.append(run)
 
     def order(g: Group):

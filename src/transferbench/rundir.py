@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .errors import UserError
 
 # A run directory
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES = (
@@ -28,10 +31,30 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and check that files can be written in it; otherwise one clear error naming
+    `what` (the option or variable that chose it)."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise UserError(f"{what} {path}: a file is in the way (a directory is needed there); choose another") from None
+    except OSError as err:
+        raise UserError(f"{what} {path} is not a writable directory ({err.strerror or err}); choose one you can "
+                        f"write to") from None
+    return path
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror or err}); choose a directory you can write to") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -39,10 +62,20 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # disk full, read-only, a directory where the file should go, ...
+            raise UserError(f"cannot write {path} ({err.strerror or err}); nothing was changed there") from None
         raise
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put directory `new` where `old` is, whole: `old` (every file it had) goes only once `new` is complete."""
+    aside = old.with_name(f".{old.name}.replaced-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -99,6 +99,10 @@ class Phase:
     trainable: frozenset[str]
     lr_scale: float = 1.0
 
+    def head_only(self, head: str) -> bool:
+        """Whether only the head's parameters train in this phase."""
+        return bool(self.trainable) and all(n.startswith(head + ".") for n in self.trainable)
+
 
 def parse_strategy(text: str) -> Strategy:
     kind, sep, arg = text.partition(":")
@@ -124,16 +128,24 @@ def apply_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
         p.requires_grad_(name in trainable)
 
 
-def set_train_mode(model: nn.Module, bn_frozen: bool = False) -> None:
+def set_train_mode(model: nn.Module, bn_frozen: bool = False, head_only: str | None = None) -> None:
     """model.train(), except that every submodule without a trainable parameter runs in eval mode.
 
     A frozen part must not change in any way: eval mode keeps BatchNorm running statistics fixed and
-    turns off dropout / stochastic depth inside it, so a frozen backbone computes exactly the features
-    it computes at evaluation (which is also what the feature cache stores).
+    turns off dropout / stochastic depth inside it.
+    `head_only` (the head's module name) when nothing but the head trains: then everything else runs in
+    eval mode, parameterless modules (a Dropout before the head, as in MobileNetV2 and VGG) and the model's
+    own functional dropout (timm's drop_rate, applied by the top-level module) included, so the head
+    trains on exactly the features the backbone computes at evaluation, which is also what the feature
+    cache stores: a linear probe is the same with and without the cache.
     With `bn_frozen`, every BatchNorm layer keeps its pretrained statistics even while its affine
     parameters train: on small datasets, small batches or images unlike the pretraining ones, batch
     statistics shift every feature the head was trained on.
     """
+    if head_only is not None:
+        model.eval()
+        model.get_submodule(head_only).train()
+        return
     model.train()
     for module in model.modules():
         if module is model:

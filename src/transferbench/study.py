@@ -283,7 +283,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+                raise UserError(f"{self.source}: line {key_node.start_mark.line + 1}: key {key!r} is given twice in "
+                                f"one "
+                                f"mapping; keep one (YAML would silently use the last)")
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -300,10 +302,14 @@ def _read(path: Path) -> dict:
         raise UserError(f"{src}: not UTF-8 text (byte {err.start}); save the study file as UTF-8") from None
     except OSError as err:
         raise UserError(f"cannot read study file {src} ({err.strerror})") from None
+    loader = _UniqueKeyLoader(text)
+    loader.source = src
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)
+        doc = loader.get_single_data()
     except yaml.YAMLError as err:
         raise UserError(f"{src}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
     doc = _mapping(src, "the file", doc, allow_empty=False)
     for key in doc:
         if key not in TOP_KEYS:
@@ -610,8 +616,11 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) 
             log.info(f"[study {study.name}] {overall.status()}; {how} {run.name}")
             try:
                 training.run(run.config, resume=run.dir.exists(), progress=progress)
-            except UserError as err:
+            except Exception as err:
                 overall.finished(run, completed=False)
+                if not isinstance(err, UserError):  # a bug, not bad input: keep its traceback for the report
+                    log.debug(f"run {run.name} failed", exc_info=True)
+                    err = UserError(f"{type(err).__name__}: {err}")
                 if not keep_going:
                     raise UserError(f"study {study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix "
                                     f"the problem and run the study again to continue (--keep-going runs the others "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from . import distributed, plots, rundir
 from .config import RunConfig, differences
-from .data import Batches, Preprocess, Splits, batch_indices, check_dataset, load_dataset, make_splits
+from .data import Batches, Preprocess, Splits, batch_indices, check_dataset, fingerprint, load_dataset, make_splits
 from .errors import UserError
 from .features import cached_head_training_inputs, use_feature_cache
 from .host import peak_memory_mb, pick_device, reset_peak_memory, versions
@@ -108,7 +109,8 @@ class Experiment:
     """Everything a run needs, checked and built before its first step."""
 
     cfg: RunConfig
-    run_dir: Path
+    run_dir: Path  # where its files are written: final_dir, or a staging directory beside it under --overwrite
+    final_dir: Path
     device: torch.device
     strategy: Strategy
     bundle: ModelBundle  # bundle.model: the whole network, what model.pt saves
@@ -123,6 +125,7 @@ class Experiment:
     steps_per_epoch: int
     checkpoint: dict | None  # what a resumed run continues from
     progress: bool
+    data: str  # the data's fingerprint: a resumed run must see the same
 
     @property
     def model(self) -> nn.Module:
@@ -146,21 +149,26 @@ class Progress:
 class PhaseState:
     phase: Phase
     forward: nn.Module  # the learner as the step calls it: wrapped for DDP, compiled, or itself
+    head_only: str | None  # the head's name when nothing else trains (everything else then runs in eval mode)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
 
 
-def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> dict | None:
-    """Return the checkpoint to resume from, or None for a fresh run; refuse to clobber silently."""
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
+    """Where to write, and the checkpoint to resume from (None for a fresh run); refuse to clobber silently.
+    --overwrite builds the new run in a staging directory beside the old one, which is replaced only when
+    the new run is complete: a run that fails to start, diverges or is killed leaves the old one whole."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory: choose another --name or --output-dir")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         if resume:
             log.warning(f"--resume: {run_dir} has nothing to resume; starting a fresh run")
-        return None
+        return run_dir, None
     if overwrite:
-        for name in rundir.RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        return None
+        staging = run_dir.with_name(f".{run_dir.name}.overwrite")
+        shutil.rmtree(staging, ignore_errors=True)
+        return staging, None
     if not resume:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --overwrite to "
                         f"replace it, or --name to choose another")
@@ -173,9 +181,14 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: boo
             k = diffs[0]
             raise UserError(f"--resume: {run_dir} was started with {k}={saved.get(k)!r}, now {k}={getattr(cfg, k)!r}; "
                             f"resume with the same options or start a new run with --name")
-    if not (run_dir / rundir.CHECKPOINT).exists():
-        return None  # killed before its first epoch ended: start over in place
-    return torch.load(run_dir / rundir.CHECKPOINT, map_location="cpu", weights_only=True)
+    path = run_dir / rundir.CHECKPOINT
+    if not path.exists():
+        return run_dir, None  # killed before its first epoch ended: start over in place
+    try:  # tensors, numbers, lists and dicts only: a shared study directory never runs code from a file
+        return run_dir, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"delete it to restart the run from its first epoch, or pass --overwrite") from None
 
 
 def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) -> Experiment:
@@ -188,21 +201,28 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
                     f"(--pretrained or --weights FILE), so nothing is transferred")
     preprocessing = data_config(cfg.model)
     cfg.image_size = cfg.image_size or preprocessing.input_size
-    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    final_dir = Path(cfg.output_dir).expanduser() / cfg.name
     outcome = None
     if distributed.is_main():
         try:
-            outcome = ("ok", _prepare_run_dir(run_dir, cfg, resume, overwrite))
+            rundir.writable_dir(final_dir.parent, "--output-dir")
+            outcome = ("ok", _prepare_run_dir(final_dir, cfg, resume, overwrite))
         except UserError as err:
             outcome = ("error", str(err))
-    status, checkpoint = distributed.broadcast_object(outcome)  # every rank stops if rank 0 must
+    status, prepared = distributed.broadcast_object(outcome)  # every rank stops if rank 0 must
     if status == "error":
-        raise UserError(checkpoint)
+        raise UserError(prepared)
+    run_dir, checkpoint = prepared
 
     torch.manual_seed(cfg.seed)
     reset_peak_memory(device)
     train_all, test = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
     splits = make_splits(train_all, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
+    data = fingerprint(splits)
+    if checkpoint is not None and checkpoint.get("data", data) != data:
+        raise UserError(f"--resume: the data of {final_dir} changed since the run started (fingerprint "
+                        f"{checkpoint['data']}, now {data}): resume on the same data, or start a new run with --name "
+                        f"or --overwrite")
     bundle = create_model(cfg.model, len(splits.classes), pretrained=bool(cfg.pretrained), weights=cfg.weights,
                           image_size=cfg.image_size)
     bundle.model.to(device)
@@ -224,9 +244,9 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
         learner = bundle.model
     steps = len(batch_indices(len(train), cfg.batch_size, shuffle=False, drop_last=True,
                               world_size=distributed.world_size()))
-    return Experiment(cfg, run_dir, device, strategy, bundle, splits, plan, learner, train, val, test_b, cached,
-                      amp=device.type == "cuda" and cfg.amp is not False, steps_per_epoch=steps, checkpoint=checkpoint,
-                      progress=progress and distributed.is_main())
+    return Experiment(cfg, run_dir, final_dir, device, strategy, bundle, splits, plan, learner, train, val, test_b,
+                      cached, amp=device.type == "cuda" and cfg.amp is not False, steps_per_epoch=steps,
+                      checkpoint=checkpoint, progress=progress and distributed.is_main(), data=data)
 
 
 def restore(exp: Experiment) -> Progress:
@@ -254,7 +274,8 @@ def start_phase(exp: Experiment, phase: Phase) -> PhaseState:
     if cfg.compile:
         torch._dynamo.reset()
         forward = torch.compile(forward)
-    state = PhaseState(phase, forward, optimizer, scheduler, scaler)
+    head_only = exp.bundle.head if phase.head_only(exp.bundle.head) and not exp.cached else None
+    state = PhaseState(phase, forward, head_only, optimizer, scheduler, scaler)
     ckpt = exp.checkpoint
     if ckpt is not None and ckpt["phase"] == phase.index and ckpt["epoch"] + 1 > phase.first_epoch:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -270,7 +291,7 @@ def train_one_epoch(exp: Experiment, state: PhaseState, epoch: int) -> dict:
     torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc.: resume replays the same randomness
     order = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     aug = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch) + 1)
-    set_train_mode(exp.learner, cfg.bn_frozen)
+    set_train_mode(exp.learner, cfg.bn_frozen, state.head_only)
     t0 = time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = tqdm(total=exp.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
@@ -335,7 +356,7 @@ def end_epoch(exp: Experiment, state: PhaseState, done: Progress, row: dict) -> 
             "epoch": epoch - 1, "phase": state.phase.index, "model": exp.learner.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-            "history": done.history, "best": done.best}, exp.run_dir / rundir.CHECKPOINT)
+            "history": done.history, "best": done.best, "data": exp.data}, exp.run_dir / rundir.CHECKPOINT)
     after_epoch(epoch)
 
 
@@ -380,8 +401,10 @@ def finish(exp: Experiment, done: Progress) -> dict:
                        run_dir / rundir.CURVES)
         rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
         (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
+        if run_dir != exp.final_dir:  # --overwrite: the old run (every file it had) goes only now
+            rundir.replace_dir(run_dir, exp.final_dir)
     log.info(f"{cfg.name}: test acc {test_acc:.4f} (best val acc {done.best['val_acc']:.4f} at epoch "
-             f"{done.best['epoch']}), train time {train_time:.1f}s -> {exp.run_dir}")
+             f"{done.best['epoch']}), train time {train_time:.1f}s -> {exp.final_dir}")
     distributed.barrier()
     return summary
 
@@ -397,11 +420,16 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
              f"{len(exp.splits.train)}, val {len(exp.splits.val)}, test {len(exp.splits.test)}), strategy "
              f"{cfg.strategy}, {cfg.image_size}px, {trainable:,} of {total:,} parameters trainable, device {exp.device}"
              + (f" x{distributed.world_size()}" if distributed.world_size() > 1 else ""))
-    done = restore(exp)
-    for phase in exp.plan:
-        if phase.end_epoch <= done.start_epoch or phase.end_epoch == phase.first_epoch:
-            continue
-        state = start_phase(exp, phase)
-        for epoch in range(max(phase.first_epoch, done.start_epoch), phase.end_epoch):
-            end_epoch(exp, state, done, train_one_epoch(exp, state, epoch))
-    return finish(exp, done)
+    try:
+        done = restore(exp)
+        for phase in exp.plan:
+            if phase.end_epoch <= done.start_epoch or phase.end_epoch == phase.first_epoch:
+                continue
+            state = start_phase(exp, phase)
+            for epoch in range(max(phase.first_epoch, done.start_epoch), phase.end_epoch):
+                end_epoch(exp, state, done, train_one_epoch(exp, state, epoch))
+        return finish(exp, done)
+    except BaseException:
+        if exp.run_dir != exp.final_dir and distributed.is_main():  # a failed --overwrite: the old run stays
+            shutil.rmtree(exp.run_dir, ignore_errors=True)
+        raise
