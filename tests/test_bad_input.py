@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import make_folder
 from transferbench import UserError
-from transferbench.data import load_dataset, make_splits
+from transferbench.data import Dataset, load_dataset, make_splits
 from transferbench.models import create_model
 
 BASE = ["--image-size", "16", "--batch-size", "8", "--no-progress", "--workers", "1", "--epochs", "1"]
@@ -81,7 +81,8 @@ def test_gif_and_nested_images_are_read_and_other_files_are_named(tmp_path, capl
     Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(root / "train" / "beta" / "y.gif")
     (root / "train" / "beta" / "notes.txt").write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="transferbench"):
-        train, _ = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+        loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+        train, _ = loaded.train, loaded.test
     assert len(train) == 12 * 3 + 2
     assert "skipped 1 file(s)" in caplog.text and "notes.txt" in caplog.text
     gif = train.images[train.labels == 1].float().mean(dim=(1, 2, 3))
@@ -91,14 +92,16 @@ def test_gif_and_nested_images_are_read_and_other_files_are_named(tmp_path, capl
 def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
     root = make_folder(tmp_path / "d")
     Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(root / "train" / "alpha" / "grey16.png")
-    train, _ = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    train, _ = loaded.train, loaded.test
     grey = [img for img in train.images if (img == 128).all()]
     assert len(grey) == 1  # mid-grey stays mid-grey (PIL's convert("RGB") alone makes it 255, white)
 
 
 def splits_of(root, **kw):
-    train, test = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
-    return make_splits(train, test, **{"val_fraction": 0.25, "train_subset": None, "seed": 0, **kw})
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    train, test = loaded.train, loaded.test
+    return make_splits(Dataset(train, test), **{"val_fraction": 0.25, "train_subset": None, "seed": 0, **kw})
 
 
 def test_a_class_without_validation_images_is_an_error(tmp_path):
@@ -154,8 +157,9 @@ def test_duplicate_keys_in_a_study_file(folder, tmp_path, cli_run):
 def test_linear_probe_head_sees_the_cached_features_with_dropout_before_it(name, head):
     """MobileNetV2 has a Dropout module before its head; timm applies drop_rate functionally in forward_head.
     Under a head-only phase neither is active, so training sees exactly what the feature cache stores."""
-    from transferbench.data import ImageSet, Preprocess
     from transferbench.features import extract_features
+    from transferbench.images import ImageSet
+    from transferbench.preprocess import Preprocess
     from transferbench.strategies import apply_trainable, parse_strategy, set_train_mode
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import write_cifar
 from transferbench import UserError, catalog
 from transferbench.catalog import CATALOG, DerivedSplit, derived_split, describe, load_catalog, present
-from transferbench.data import ImageSet
+from transferbench.images import ImageSet
 
 STORAGE = 8  # mixed-size datasets come out at this size; tiny keeps the tests fast
 SIZES = [(12, 10), (9, 14), (16, 16), (10, 8)]  # (w, h) cycled through for the mixed-size fakes

@@ -7,12 +7,14 @@ from PIL import Image
 
 from conftest import CLASSES, make_folder, write_cifar
 from transferbench import UserError
-from transferbench.data import Preprocess, load_dataset, make_splits, stratified_split, stratified_subset
+from transferbench.data import Dataset, load_dataset, make_splits, stratified_split, stratified_subset
+from transferbench.preprocess import Preprocess
 
 
 def test_cifar10_pickles_load_as_uint8_tensors(tmp_path, monkeypatch):
     root = write_cifar(tmp_path / "c10", "cifar10", monkeypatch)
-    train, test = load_dataset("cifar10", str(root), storage_size=32, workers=1)
+    loaded = load_dataset("cifar10", str(root), storage_size=32, workers=1)
+    train, test = loaded.train, loaded.test
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
     assert len(test) == 30 and test.classes == [f"class{i}" for i in range(10)]
     # The colour that marks each class survives the pickle row layout (R, G, B planes).
@@ -22,7 +24,7 @@ def test_cifar10_pickles_load_as_uint8_tensors(tmp_path, monkeypatch):
 
 def test_cifar100_uses_fine_labels(tmp_path, monkeypatch):
     root = write_cifar(tmp_path / "c100", "cifar100", monkeypatch, per_class_train=1, per_class_test=1)
-    train, test = load_dataset("cifar100", str(root), storage_size=32, workers=1)
+    train = load_dataset("cifar100", str(root), storage_size=32, workers=1).train
     assert len(train.classes) == 100 and sorted(set(train.labels.tolist())) == list(range(100))
 
 
@@ -54,7 +56,8 @@ def test_folder_converts_grayscale_and_rgba(tmp_path):
     Image.fromarray(np.full((16, 16), 200, np.uint8), "L").save(root / "train" / "alpha" / "gray.png")
     Image.fromarray(np.full((16, 16, 4), 100, np.uint8), "RGBA").save(root / "train" / "beta" / "rgba.png")
     (root / "train" / "beta" / "notes.txt").write_text("not an image: ignored")
-    train, test = load_dataset(f"folder:{root}", None, storage_size=16, workers=2)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=2)
+    train, test = loaded.train, loaded.test
     assert train.classes == CLASSES and len(train) == 38 and len(test) == 18
     assert train.images.shape[1:] == (3, 16, 16)
 
@@ -62,20 +65,24 @@ def test_folder_converts_grayscale_and_rgba(tmp_path):
 def test_folder_with_mixed_sizes_is_brought_to_storage_size(tmp_path):
     root = make_folder(tmp_path / "d")
     Image.fromarray(np.zeros((40, 24, 3), np.uint8)).save(root / "test" / "gamma" / "tall.png")
-    train, test = load_dataset(f"folder:{root}", None, storage_size=20, workers=1)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=20, workers=1)
+    train, test = loaded.train, loaded.test
     assert train.images.shape[1:] == (3, 20, 20) and test.images.shape[1:] == (3, 20, 20)
 
 
 def test_decoded_folder_cache_is_reused_and_invalidated(tmp_path):
     root = make_folder(tmp_path / "d")
-    first, _ = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    first, _ = loaded.train, loaded.test
     cached = list((tmp_path / "cache" / "decoded").glob("*.pt"))
     assert len(cached) == 1
-    again, _ = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    again, _ = loaded.train, loaded.test
     assert torch.equal(first.images, again.images)
     img = np.zeros((16, 16, 3), np.uint8)
     Image.fromarray(img).save(root / "train" / "alpha" / "0000.png")  # overwrite one file
-    changed, _ = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    changed, _ = loaded.train, loaded.test
     assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2
     assert not torch.equal(first.images, changed.images)
 
@@ -93,12 +100,13 @@ def test_stratified_split_is_seeded_and_keeps_class_balance():
 
 def test_validation_split_does_not_depend_on_train_subset(tmp_path):
     root = make_folder(tmp_path / "d", train_per_class=20)
-    train, test = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
-    full = make_splits(train, test, val_fraction=0.2, train_subset=None, seed=0)
-    small = make_splits(train, test, val_fraction=0.2, train_subset=9, seed=0)
+    loaded = load_dataset(f"folder:{root}", None, storage_size=16, workers=1)
+    train, test = loaded.train, loaded.test
+    full = make_splits(Dataset(train, test), val_fraction=0.2, train_subset=None, seed=0)
+    small = make_splits(Dataset(train, test), val_fraction=0.2, train_subset=9, seed=0)
     assert torch.equal(full.val.images, small.val.images) and len(small.train) == 9
     with pytest.raises(UserError, match="--train-subset 1000"):
-        make_splits(train, test, val_fraction=0.2, train_subset=1000, seed=0)
+        make_splits(Dataset(train, test), val_fraction=0.2, train_subset=1000, seed=0)
 
 
 def test_preprocess_normalises_resizes_and_augments_in_batches():

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from transferbench.data import ImageSet, Preprocess
 from transferbench.features import cached_features, extract_features, feature_key
+from transferbench.images import ImageSet
 from transferbench.models import create_model
+from transferbench.preprocess import Preprocess
 
 CPU = torch.device("cpu")
 

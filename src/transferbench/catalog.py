@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .data import ImageSet, image_array
 from .errors import UserError, did_you_mean
+from .images import ImageSet, image_array
 
 TOP1 = "top1"
 MEAN_PER_CLASS = "mean_per_class_acc"

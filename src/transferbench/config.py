@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import UserError, did_you_mean
 from .strategies import parse_strategy
+from .trackers import KINDS as TRACKERS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -49,7 +50,7 @@ class DatasetSpec:
     kind: str  # "catalog" or one of PREFIXES
     name: str  # the catalog name, or the path as given
 
-    PREFIXES = ("folder",)
+    PREFIXES = ("folder", "csv", "hf")
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -119,8 +120,16 @@ class RunConfig:
     augment: bool = option(True, "random crop with padding + horizontal flip, in batches on the device")
     bn_frozen: bool = option(False, "BatchNorm layers keep their pretrained running statistics while they train "
                                     "(small data, small batches)")
-    val_fraction: float = option(0.1, "stratified validation split carved from train, used for model selection")
+    val_fraction: float = option(0.1, "stratified validation split carved from train, used for model selection "
+                                      "(datasets with an official validation split use that instead)")
+    test_fraction: float = option(0.2, "data without a test split (a folder of class folders, a CSV without a split "
+                                       "column): the stratified, seeded share held out for testing")
     train_subset: int | None = option(None, "train on a stratified subset of N images")
+    shots: int | None = option(None, "few-shot: train on exactly K images per class (seeded)")
+    refit: bool = option(False, "train on train+val for exactly --epochs and test the final weights, no selection "
+                                "(the protocol of VTAB and Kornblith et al. once a configuration is chosen)")
+    image_column: str | None = option(None, "hf: datasets: the image column (default: the one Image feature)")
+    label_column: str | None = option(None, "hf: datasets: the label column (default: the one ClassLabel feature)")
     seed: int = option(0)
     device: str = option("auto", neutral=True, choices=DEVICES)
     workers: int = option(4, "threads for decoding image folders", neutral=True, short=("-j",))
@@ -129,6 +138,8 @@ class RunConfig:
     compile: bool = option(False, "torch.compile the model (rebuilt at each phase boundary)", neutral=True)
     feature_cache: bool | None = option(None, "linear-probe: train the head on cached backbone features (default when "
                                               "augmentation is off)")
+    log: str | None = option(None, "experiment trackers, comma-separated: tensorboard, mlflow (optional extra "
+                                   "transferbench[tracking])", neutral=True)
     output_dir: str = option("runs", "parent of the run directory", neutral=True)
     name: str | None = option(None, "run directory name (default <dataset>-<model>-<strategy>-s<seed>)", neutral=True)
 
@@ -156,6 +167,11 @@ class RunConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1 (exclusive), got "
                                             f"{self.val_fraction}"),
+            (0.0 < self.test_fraction < 1.0, f"--test-fraction must be between 0 and 1 (exclusive), got "
+                                             f"{self.test_fraction}"),
+            (self.shots is None or self.shots >= 1, f"--shots must be >= 1, got {self.shots}"),
+            (self.shots is None or self.train_subset is None, "give --shots (images per class) or --train-subset "
+                                                              "(images in all), not both"),
             (self.train_subset is None or self.train_subset >= 1, f"--train-subset must be >= 1, got "
                                                                   f"{self.train_subset}"),
             (self.image_size is None or self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
@@ -190,6 +206,10 @@ class RunConfig:
         if self.bn_frozen and strategy.from_scratch:
             raise UserError(f"--bn-frozen keeps pretrained BatchNorm statistics; strategy '{strategy.name}' has none "
                             f"to keep")
+        for kind in self.trackers():
+            if kind not in TRACKERS:
+                raise UserError(f"--log: unknown tracker '{kind}'; choose from {', '.join(TRACKERS)} (comma-separated)."
+                                f"{did_you_mean(kind, TRACKERS)}")
         if self.weights and self.pretrained:
             raise UserError("give either --pretrained (download) or --weights FILE (local), not both")
         if self.weights:
@@ -199,6 +219,9 @@ class RunConfig:
             if not path.is_file():
                 raise UserError(f"--weights {self.weights} is a directory; give the state-dict file inside it "
                                 f"(.pth/.pt)")
+
+    def trackers(self) -> list[str]:
+        return [k.strip() for k in (self.log or "").split(",") if k.strip()]
 
     def resolved(self) -> "RunConfig":
         """Fill every default that depends on other options, so config.json says what actually ran."""

@@ -1,43 +1,46 @@
-"""Datasets held in memory as uint8 tensors, and the batched on-device preprocessing that feeds them.
+"""Datasets: loading each kind (CIFAR, image folders, ...) into uint8 tensors, the splits a run trains,
+selects and tests on, and the batches that feed the training device.
 
-Images are decoded once into an (N, 3, H, W) uint8 tensor. Resizing to the model's resolution,
-normalisation and augmentation happen per batch on the training device, never per image in Python.
+Images are decoded once into an (N, 3, H, W) uint8 tensor (see `images`); resizing to the model's
+resolution, normalisation and augmentation happen per batch on the device (see `preprocess`).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import distributed
 from .config import DatasetSpec, cache_dir, default_data_dir
 from .errors import UserError, did_you_mean
+from .images import IMAGE_EXTENSIONS, ImageSet, decode_file, image_size, load_cached
+from .preprocess import Preprocess
 from .rundir import atomic_torch_save, file_digest, writable_dir
 
 log = logging.getLogger(__name__)
 BUILTIN = ("cifar10", "cifar100")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass
-class ImageSet:
-    images: torch.Tensor  # uint8 (N, 3, H, W)
-    labels: torch.Tensor  # int64 (N,)
-    classes: list[str]
+class Dataset:
+    """A dataset as loaded: its official splits (`val` only where the dataset defines one) and the figure
+    the literature reports for it."""
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None = None
+    metric: str = "top1"  # or "mean_per_class_acc" (Pets, Flowers-102, FGVC Aircraft, Caltech-101)
+    test_files: list[str] | None = None  # a test split carved here (not the data's own): its files, for the record
 
-    def subset(self, index: torch.Tensor | np.ndarray) -> "ImageSet":
-        index = torch.as_tensor(index, dtype=torch.long)
-        return ImageSet(self.images[index], self.labels[index], self.classes)
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
 
 
 @dataclass
@@ -141,73 +144,6 @@ def _list_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def image_array(im, size: int | None) -> np.ndarray:
-    """A PIL image as an (H, W, 3) uint8 RGB array, upright, at size x size when size is given.
-
-    EXIF orientation is applied (phones store portrait photos sideways); 16-bit and float images are
-    scaled to 8 bits by their range, not clipped (PIL's convert("RGB") turns 16-bit mid-grey white);
-    palette, grayscale and alpha images become RGB. Resizing is shorter side to `size`, then a centre
-    crop: the torchvision eval convention.
-    """
-    from PIL import Image, ImageOps
-
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16"):
-            top = 65535.0
-        elif im.mode == "I":  # how PIL opens some 16-bit files: 8-bit data stays 8-bit
-            top = 65535.0 if arr.max() > 255 else 255.0
-        else:  # "F": [0, 1] floats, or any other range by its maximum
-            top = max(float(arr.max()), 1.0)
-        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    im = im.convert("RGB")
-    if size is not None and im.size != (size, size):
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top_ = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top_, left + size, top_ + size))
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _decode(path: Path, size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return image_array(im, size)
-    except Exception as err:
-        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as decoded: after the EXIF rotation image_array applies."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # 90-degree orientations
-    except Exception as err:
-        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
-
-
-def load_cached(path: Path, key: str, rows: int) -> torch.Tensor | None:
-    """A tensor from a cache file, or None (with a warning, the file removed) when the file is unreadable
-    or does not hold `rows` rows: a cache is rebuilt, never trusted blindly and never fatal."""
-    try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)[key]
-        if not isinstance(tensor, torch.Tensor) or len(tensor) != rows:
-            raise ValueError(f"expected {rows} rows")
-        return tensor
-    except Exception as err:
-        log.warning(f"cache file {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
-        path.unlink(missing_ok=True)
-        return None
-
-
 def _listing(items: list[tuple[Path, int]]) -> bytes:
     """What fixes a folder's content without opening an image: names, labels, byte sizes, mtimes."""
     lines = []
@@ -253,9 +189,9 @@ def load_folder(root: Path, storage_size: int, workers: int) -> tuple[ImageSet, 
     images = load_cached(cached[0], "images", len(all_items)) if cached else None
     if images is None:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            sizes = set(pool.map(lambda it: _image_size(it[0]), all_items))
+            sizes = set(pool.map(lambda it: image_size(it[0]), all_items))
             size = None if len(sizes) == 1 else storage_size
-            decoded = list(pool.map(lambda it: _decode(it[0], size), all_items))
+            decoded = list(pool.map(lambda it: decode_file(it[0], size), all_items))
         images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
         path = _decoded_cache_file(root, listing, size)
         writable_dir(path.parent, "the cache directory (TRANSFERBENCH_CACHE)")
@@ -278,11 +214,11 @@ def check_dataset(text: str) -> DatasetSpec:
     return spec
 
 
-def load_dataset(text: str, data_dir: str | None, *, storage_size: int, workers: int) -> tuple[ImageSet, ImageSet]:
+def load_dataset(text: str, data_dir: str | None, *, storage_size: int, workers: int) -> Dataset:
     spec = check_dataset(text)
     if spec.kind == "folder":
-        return load_folder(spec.path, storage_size, workers)
-    return load_cifar(spec.name, Path(data_dir).expanduser() if data_dir else default_data_dir())
+        return Dataset(*load_folder(spec.path, storage_size, workers))
+    return Dataset(*load_cifar(spec.name, Path(data_dir).expanduser() if data_dir else default_data_dir()))
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -298,6 +234,18 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
         held.append(idx[:k])
         keep.append(idx[k:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def per_class(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
+    """Exactly k indices of every class (few-shot), seeded; UserError naming the classes that have fewer."""
+    labels_np = labels.numpy()
+    rng = np.random.default_rng(seed + 2)
+    classes, counts = np.unique(labels_np, return_counts=True)
+    short = [int(c) for c, n in zip(classes, counts) if n < k]
+    if short:
+        raise UserError(f"--shots {k}: classes {short[:10]} have fewer than {k} training images (after the validation "
+                        f"split); use fewer shots")
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels_np == c))[:k] for c in classes]))
 
 
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
@@ -333,10 +281,20 @@ def _check_classes(train: ImageSet, test: ImageSet) -> None:
         raise UserError(f"test images of classes the training split never has: {', '.join(unseen[:10])}")
 
 
-def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_subset: int | None, seed: int) -> Splits:
+def make_splits(data: Dataset, *, val_fraction: float, train_subset: int | None, seed: int,
+                shots: int | None = None) -> Splits:
+    """Train / validation / test. Validation is the dataset's own where it has one, else a stratified
+    `val_fraction` of train (seeded); it never depends on --train-subset or --shots, so runs that differ
+    only in those select on the same images."""
+    train, test = data.train, data.test
     _check_classes(train, test)
-    keep, held = stratified_split(train.labels, val_fraction, seed)
-    train_part, val_part = train.subset(keep), train.subset(held)
+    if data.val is not None:
+        train_part, val_part = train, data.val
+    else:
+        keep, held = stratified_split(train.labels, val_fraction, seed)
+        train_part, val_part = train.subset(keep), train.subset(held)
+    if shots is not None:
+        return Splits(train_part.subset(per_class(train_part.labels, shots, seed)), val_part, test)
     if train_subset is not None:
         n_classes = len(train.classes)
         if train_subset > len(train_part):
@@ -353,6 +311,10 @@ def make_splits(train: ImageSet, test: ImageSet, *, val_fraction: float, train_s
     return Splits(train_part, val_part, test)
 
 
+def concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes)
+
+
 def fingerprint(splits: Splits) -> str:
     """What the data of a run is, cheaply: classes, every label of every split, shapes, and a strided
     sample of every image's pixels. A resumed run refuses to continue on other data."""
@@ -364,77 +326,6 @@ def fingerprint(splits: Splits) -> str:
         step = max(1, part.images.shape[-1] // 16)
         h.update(part.images[..., ::step, ::step].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------ preprocessing
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How a model's weights expect their input: resolution, normalisation, resampling filter."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
-
-
-class Preprocess:
-    """uint8 batch -> normalised float batch at the model's resolution, augmented if asked.
-
-    Augmentation is a random crop with reflect padding (1/8 of the side) and a horizontal flip,
-    done by index arithmetic on the whole batch at its stored resolution, before resizing.
-    """
-
-    def __init__(self, image_size: int, mean, std, interpolation: str, device: torch.device, channels_last: bool):
-        self.size = image_size
-        self.mode = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    @classmethod
-    def build(cls, data_config: DataConfig, image_size: int, device: torch.device, channels_last: bool) -> "Preprocess":
-        return cls(image_size, data_config.mean, data_config.std, data_config.interpolation, device, channels_last)
-
-    @staticmethod
-    def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
-        idx = idx.abs()
-        return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
-
-    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        b, _, h, w = x.shape
-        pad = max(1, round(min(h, w) / 8))
-        dev = x.device
-        dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator) - pad
-        dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator) - pad
-        flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
-        rows = self._reflect(dy + torch.arange(h, device=dev), h)
-        cols = torch.arange(w, device=dev).expand(b, w)
-        cols = torch.where(flip, w - 1 - cols, cols)
-        cols = self._reflect(dx + cols, w)
-        out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
-        return out.permute(0, 3, 1, 2)
-
-    def __call__(self, x: torch.Tensor, augment: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        if augment:
-            x = self.augment(x, generator)
-        x = x.float()
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            down = x.shape[-1] > self.size
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=down and self.mode != "nearest",
-                              align_corners=False if self.mode != "nearest" else None)
-            if self.mode == "bicubic":
-                x = x.clamp_(0, 255)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
 
 
 def batch_indices(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

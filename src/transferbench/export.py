@@ -30,10 +30,11 @@ import torch
 from tqdm import tqdm
 
 from . import rundir
-from .data import Preprocess, stratified_subset
+from .data import stratified_subset
 from .errors import UserError
 from .finished import FinishedRun, load_finished_run
 from .host import cpu_name
+from .preprocess import Preprocess
 from .rundir import file_digest
 
 # onnx, onnxruntime and onnxscript are an optional extra (transferbench[export]): imported where used.

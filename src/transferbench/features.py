@@ -16,9 +16,11 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import RunConfig, cache_dir
-from .data import Batches, ImageSet, Preprocess, Splits, load_cached
+from .data import Batches, Splits
 from .errors import UserError
+from .images import ImageSet, load_cached
 from .models import ModelBundle
+from .preprocess import Preprocess
 from .strategies import Strategy
 
 KEY_VERSION = "features-v1"

@@ -9,10 +9,11 @@ import torch
 
 from . import rundir
 from .config import DatasetSpec, RunConfig
-from .data import Batches, DataConfig, ImageSet, Preprocess, Splits, load_dataset, make_splits
+from .data import Batches, Dataset, Splits, load_dataset, make_splits
 from .errors import UserError
 from .host import pick_device
 from .models import ModelBundle, create_model
+from .preprocess import DataConfig, Preprocess
 from .training import evaluate
 
 
@@ -44,26 +45,25 @@ class FinishedRun:
         cl = self.cfg.channels_last if channels_last is None else channels_last
         return Preprocess.build(self.data_config, self.image_size, device, cl)
 
-    def data(self, data_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
-        """The run's (train, test) data, from `data_dir` if it moved: the CIFAR directory, or the image folder
+    def data(self, data_dir: str | None = None) -> Dataset:
+        """The run's data, from `data_dir` if it moved: the CIFAR directory, or the image folder
         of a `folder:` dataset. Refused if its classes are no longer the ones the run learned."""
         spec = DatasetSpec.parse(self.cfg.dataset)
         if spec.kind != "catalog" and not data_dir and not spec.path.exists():
             raise UserError(f"the data this run was trained on is no longer at {spec.path}; if it moved, pass "
                             f"--data-dir NEW_PATH (the {spec.kind} it is now)")
         dataset = spec.moved_to(data_dir).canonical() if data_dir else self.cfg.dataset
-        train, test = load_dataset(dataset, data_dir or self.cfg.data_dir, storage_size=self.image_size,
-                                   workers=self.cfg.workers)
-        if list(test.classes) != self.classes:
-            raise UserError(f"the test split of {dataset} now has classes {test.classes}, the run was trained on "
-                            f"{self.classes}")
-        return train, test
+        data = load_dataset(dataset, data_dir or self.cfg.data_dir, storage_size=self.image_size,
+                            workers=self.cfg.workers)
+        if list(data.classes) != self.classes:
+            raise UserError(f"{dataset} now has classes {data.classes}, the run was trained on {self.classes}")
+        return data
 
     def splits(self, data_dir: str | None = None) -> Splits:
         """The run's own splits (same seed, validation fraction and subset)."""
-        train, test = self.data(data_dir)
         cfg = self.cfg
-        return make_splits(train, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
+        return make_splits(self.data(data_dir), val_fraction=cfg.val_fraction, train_subset=cfg.train_subset,
+                           seed=cfg.seed)
 
 
 def load_finished_run(run_dir: str | Path) -> FinishedRun:
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | N
     """Rebuild a finished run's model from model.pt and re-evaluate its test split."""
     run = load_finished_run(run_dir)
     dev = pick_device(device)
-    _, test = run.data(data_dir)
+    test = run.data(data_dir).test
     model = run.bundle.model.to(dev)
     if run.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

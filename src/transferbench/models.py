@@ -15,8 +15,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from .data import DataConfig
 from .errors import UserError, did_you_mean
+from .preprocess import DataConfig
 
 
 @dataclass

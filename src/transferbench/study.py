@@ -615,7 +615,7 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) 
             how = "resuming" if states[run.name] == "interrupted" else "starting"
             log.info(f"[study {study.name}] {overall.status()}; {how} {run.name}")
             try:
-                training.run(run.config, resume=run.dir.exists(), progress=progress)
+                training.run(run.config, resume=run.dir.exists(), progress=progress, tags={"study": study.name})
             except Exception as err:
                 overall.finished(run, completed=False)
                 if not isinstance(err, UserError):  # a bug, not bad input: keep its traceback for the report

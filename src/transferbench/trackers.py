@@ -48,7 +48,6 @@ import logging
 import numbers
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -57,6 +56,7 @@ from typing import Any, Iterable
 from .errors import UserError, did_you_mean
 from .rundir import atomic_write_text
 
+log = logging.getLogger(__name__)
 KINDS = ("tensorboard", "mlflow")
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_ID = "mlflow_run_id"
@@ -132,7 +132,7 @@ def _require(kind: str) -> ModuleType:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    log.warning(message)
 
 
 class FanOut(Tracker):

@@ -30,12 +30,14 @@ from tqdm import tqdm
 
 from . import distributed, plots, rundir
 from .config import RunConfig, differences
-from .data import Batches, Preprocess, Splits, batch_indices, check_dataset, fingerprint, load_dataset, make_splits
+from .data import Batches, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
 from .errors import UserError
 from .features import cached_head_training_inputs, use_feature_cache
 from .host import peak_memory_mb, pick_device, reset_peak_memory, versions
 from .models import ModelBundle, check_input_size, create_model, data_config, resolve_name
+from .preprocess import Preprocess
 from .strategies import Phase, Strategy, apply_trainable, count_params, parse_strategy, set_train_mode
+from .trackers import Tracker, exit_status, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Experiment:
     checkpoint: dict | None  # what a resumed run continues from
     progress: bool
     data: str  # the data's fingerprint: a resumed run must see the same
+    tracker: Tracker = field(default_factory=Tracker)  # --log: where else each epoch and the summary go
 
     @property
     def model(self) -> nn.Module:
@@ -216,8 +219,11 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
 
     torch.manual_seed(cfg.seed)
     reset_peak_memory(device)
-    train_all, test = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
-    splits = make_splits(train_all, test, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
+    splits = make_splits(dataset, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
+                         shots=cfg.shots)
+    if cfg.refit:  # the chosen configuration retrained on everything but the test split; nothing left to select on
+        splits = Splits(concat(splits.train, splits.val), splits.val, splits.test)
     data = fingerprint(splits)
     if checkpoint is not None and checkpoint.get("data", data) != data:
         raise UserError(f"--resume: the data of {final_dir} changed since the run started (fingerprint "
@@ -344,9 +350,10 @@ def end_epoch(exp: Experiment, state: PhaseState, done: Progress, row: dict) -> 
            "epoch_time_s": row["epoch_time_s"], "images_per_s": row["images_per_s"]}
     done.history.append(row)
     epoch = row["epoch"]
-    if val_acc > done.best["val_acc"]:
+    if val_acc > done.best["val_acc"] or cfg.refit:  # refit: the last epoch is the model (val was trained on)
         done.best = {"epoch": epoch, "val_acc": val_acc,
                      "state": {k: v.detach().to("cpu", copy=True) for k, v in exp.learner.state_dict().items()}}
+    exp.tracker.log_epoch(row, step=epoch)
     log.info(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
              f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  "
              f"{row['images_per_s']:.0f} img/s" + ("  *" if done.best["epoch"] == epoch else ""))
@@ -401,6 +408,8 @@ def finish(exp: Experiment, done: Progress) -> dict:
                        run_dir / rundir.CURVES)
         rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
         (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
+        exp.tracker.finish(summary, [run_dir / name for name in (rundir.CONFIG, rundir.METRICS, rundir.SUMMARY,
+                                                                 rundir.CURVES)])
         if run_dir != exp.final_dir:  # --overwrite: the old run (every file it had) goes only now
             rundir.replace_dir(run_dir, exp.final_dir)
     log.info(f"{cfg.name}: test acc {test_acc:.4f} (best val acc {done.best['val_acc']:.4f} at epoch "
@@ -409,8 +418,10 @@ def finish(exp: Experiment, done: Progress) -> dict:
     return summary
 
 
-def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train and evaluate one experiment; returns the summary written to summary.json."""
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        tags: dict[str, str] | None = None) -> dict:
+    """Train and evaluate one experiment; returns the summary written to summary.json. `tags` go to the
+    experiment trackers (--log) beside the run's name, dataset, model and strategy (a study adds its name)."""
     preflight(cfg)
     cfg = cfg.resolved()
     distributed.setup(cfg.device)
@@ -420,6 +431,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
              f"{len(exp.splits.train)}, val {len(exp.splits.val)}, test {len(exp.splits.test)}), strategy "
              f"{cfg.strategy}, {cfg.image_size}px, {trainable:,} of {total:,} parameters trainable, device {exp.device}"
              + (f" x{distributed.world_size()}" if distributed.world_size() > 1 else ""))
+    if distributed.is_main() and cfg.trackers():
+        exp.tracker = open_trackers(cfg.trackers(), run_dir=exp.run_dir, config=cfg.to_dict(), tags={
+            "run": cfg.name, "dataset": cfg.dataset, "model": cfg.model, "strategy": cfg.strategy, **(tags or {})})
     try:
         done = restore(exp)
         for phase in exp.plan:
@@ -428,8 +442,11 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             state = start_phase(exp, phase)
             for epoch in range(max(phase.first_epoch, done.start_epoch), phase.end_epoch):
                 end_epoch(exp, state, done, train_one_epoch(exp, state, epoch))
-        return finish(exp, done)
-    except BaseException:
+        summary = finish(exp, done)
+    except BaseException as err:
+        exp.tracker.close(exit_status(type(err)))
         if exp.run_dir != exp.final_dir and distributed.is_main():  # a failed --overwrite: the old run stays
             shutil.rmtree(exp.run_dir, ignore_errors=True)
         raise
+    exp.tracker.close()
+    return summary
