@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from transferbench import UserError
-from transferbench._eval_plots import confusion_figure, per_class_figure
 from transferbench.metrics import (
     classification_metrics,
     confusion_matrix,
@@ -21,6 +20,7 @@ from transferbench.metrics import (
     write_confusion_csv,
     write_predictions,
 )
+from transferbench.plots import confusion_figure, per_class_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

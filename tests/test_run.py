@@ -22,8 +22,9 @@ def test_run_writes_a_complete_record_and_evaluate_reproduces_it(folder, tmp_pat
                              "--epochs", "3", "--output-dir", tmp_path / "runs", *COMMON)
     assert code == 0, err
     run_dir = tmp_path / "runs" / "imgs-simple_cnn-scratch-s0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "curves.png", "metrics.jsonl", "model.pt",
-                                                         "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "confusion.csv", "confusion.png", "curves.png",
+                                                         "metrics.jsonl", "model.pt", "per_class.png",
+                                                         "predictions.npz", "summary.json"]
     summary, metrics = read_run(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert set(metrics[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",

@@ -362,9 +362,17 @@ class Batches:
     def iterate(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                 generator: torch.Generator | None = None, aug_generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, x, y in self.indexed(batch_size, shuffle=shuffle, augment=augment, generator=generator,
+                                    aug_generator=aug_generator, drop_last=drop_last):
+            yield x, y
+
+    def indexed(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
+                generator: torch.Generator | None = None, aug_generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(indices into the split, inputs, labels) per batch: this rank's share of every global batch."""
         for idx in batch_indices(len(self.data), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                                  rank=distributed.rank(), world_size=distributed.world_size()):
             idx = idx.to(self.data.images.device)
             x = self.data.images[idx].to(self.device, non_blocking=True)
             y = self.data.labels[idx].to(self.device, non_blocking=True)
-            yield (self.prep(x, augment, aug_generator) if self.prep else x), y
+            yield idx, (self.prep(x, augment, aug_generator) if self.prep else x), y

@@ -58,6 +58,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank (one process: [obj])."""
+    if not enabled():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP registers gradient hooks for the parameters that require grad when it is built, so a
     phase that changes requires_grad must build a new wrapper: the loop calls this at every phase."""

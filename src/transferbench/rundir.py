@@ -17,7 +17,8 @@ from .errors import UserError
 # A run directory
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "curves.png")
-RUN_FILES = (CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES)
+PREDICTIONS, CONFUSION_CSV, CONFUSION_PNG, PER_CLASS_PNG, TEST_FILES = (
+    "predictions.npz", "confusion.csv", "confusion.png", "per_class.png", "test_files.txt")
 # A study directory (what `transferbench study` writes beside its runs)
 STUDY_RECORD = "study.json"
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed, plots, rundir
+from . import distributed, metrics, plots, rundir
 from .config import RunConfig, differences
 from .data import Batches, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
 from .errors import UserError
@@ -65,21 +65,30 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Batches, batch_size: int, amp: bool = False) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over every image of the split exactly once, across all ranks."""
+def predict(model: nn.Module, batches: Batches, batch_size: int,
+            amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels of every image of the split once, in split order, from all ranks."""
     was_training = model.training
     model.eval()
-    stats = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss sum, correct, count
-    for x, y in batches.iterate(batch_size):
+    parts = []
+    for idx, x, y in batches.indexed(batch_size):
         with autocast_for(batches.device, amp):
             logits = model(x)
-        stats[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        stats[1] += (logits.argmax(1) == y).sum()
-        stats[2] += len(y)
-    distributed.all_reduce_sum(stats)
+        parts.append((idx.cpu(), logits.float().cpu(), y.cpu()))
     model.train(was_training)
-    loss, correct, count = stats.tolist()
-    return loss / max(count, 1), correct / max(count, 1)
+    parts = [p for rank_parts in distributed.gather_objects(parts) for p in rank_parts]
+    if not parts:
+        raise UserError("an evaluation split is empty: nothing to evaluate on")
+    index, logits, labels = (torch.cat(t) for t in zip(*parts))
+    order = index.argsort()
+    return logits[order], labels[order]
+
+
+def evaluate(model: nn.Module, batches: Batches, batch_size: int, amp: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over every image of the split exactly once, across all ranks."""
+    logits, labels = predict(model, batches, batch_size, amp)
+    loss = F.cross_entropy(logits.double(), labels).item()
+    return loss, (logits.argmax(1) == labels).double().mean().item()
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
@@ -128,6 +137,8 @@ class Experiment:
     checkpoint: dict | None  # what a resumed run continues from
     progress: bool
     data: str  # the data's fingerprint: a resumed run must see the same
+    primary_metric: str = "top1"  # what the literature reports for this dataset
+    test_files: list[str] | None = None  # a test split carved from the data: recorded in the run directory
     tracker: Tracker = field(default_factory=Tracker)  # --log: where else each epoch and the summary go
 
     @property
@@ -252,7 +263,8 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
                               world_size=distributed.world_size()))
     return Experiment(cfg, run_dir, final_dir, device, strategy, bundle, splits, plan, learner, train, val, test_b,
                       cached, amp=device.type == "cuda" and cfg.amp is not False, steps_per_epoch=steps,
-                      checkpoint=checkpoint, progress=progress and distributed.is_main(), data=data)
+                      checkpoint=checkpoint, progress=progress and distributed.is_main(), data=data,
+                      primary_metric=dataset.metric, test_files=dataset.test_files)
 
 
 def restore(exp: Experiment) -> Progress:
@@ -371,6 +383,19 @@ def after_epoch(epoch: int) -> None:
     """Called once each epoch's checkpoint is on disk; tests replace it to simulate a killed run."""
 
 
+def write_evaluation(run_dir: Path, logits: torch.Tensor, labels: torch.Tensor, classes: list[str], scores: dict,
+                     title: str) -> None:
+    """What lets anyone recompute any metric without the model: the test predictions, the confusion matrix
+    (CSV and heatmap) and per-class accuracy."""
+    metrics.write_predictions(run_dir / rundir.PREDICTIONS, logits, labels, classes)
+    cm = metrics.confusion_matrix(logits.argmax(1), labels, len(classes))
+    metrics.write_confusion_csv(run_dir / rundir.CONFUSION_CSV, cm, classes)
+    plots.save_png(plots.confusion_figure(cm, classes, f"{title}: confusion matrix (test)"),
+                   run_dir / rundir.CONFUSION_PNG)
+    plots.save_png(plots.per_class_figure(scores["per_class_acc"], classes, f"{title}: per-class test accuracy"),
+                   run_dir / rundir.PER_CLASS_PNG)
+
+
 def finish(exp: Experiment, done: Progress) -> dict:
     """Test the weights selected on validation, once; write model.pt, curves.png and summary.json."""
     cfg = exp.cfg
@@ -380,7 +405,10 @@ def finish(exp: Experiment, done: Progress) -> dict:
                          "val_acc": val_acc, "lr": 0.0, "epoch_time_s": 0.0, "images_per_s": None}]
         done.best = {"epoch": 0, "val_acc": val_acc, "state": copy.deepcopy(exp.learner.state_dict())}
     exp.learner.load_state_dict(done.best["state"])
-    test_loss, test_acc = evaluate(exp.learner, exp.test, exp.eval_batch_size, exp.amp)
+    logits, labels = predict(exp.learner, exp.test, exp.eval_batch_size, exp.amp)
+    test_loss = F.cross_entropy(logits.double(), labels).item()
+    scores = metrics.classification_metrics(logits, labels)
+    test_acc = scores["top1"]
     trained = [h for h in done.history if h["train_loss"] is not None]
     train_time = sum(h["epoch_time_s"] for h in trained)
     trainable, total = count_params(exp.model)
@@ -396,6 +424,12 @@ def finish(exp: Experiment, done: Progress) -> dict:
         "device": str(exp.device), "world_size": distributed.world_size(), "feature_cache": exp.cached,
         "augment": cfg.augment and not exp.cached, "train_images": len(exp.splits.train),
         "val_images": len(exp.splits.val), "test_images": len(exp.splits.test), "versions": versions(),
+        # The literature's figure for this dataset (mean-per-class accuracy for Pets, Flowers, ...), and the rest
+        "primary_metric": exp.primary_metric, "primary_value": scores[exp.primary_metric],
+        "test_top5": scores["top5"], "test_mean_per_class_acc": scores["mean_per_class_acc"],
+        "test_nll": scores["nll"], "test_ece": scores["ece"], "test_per_class_acc": scores["per_class_acc"],
+        "data_fingerprint": exp.data, "protocol": "refit on train+val, last epoch" if cfg.refit else
+        "selected on validation",
     }
     if distributed.is_main():
         run_dir = exp.run_dir
@@ -406,6 +440,9 @@ def finish(exp: Experiment, done: Progress) -> dict:
             "test_acc": test_acc}, run_dir / rundir.MODEL)
         plots.save_png(plots.curves_figure(done.history, f"{cfg.name}: {cfg.model} on {cfg.dataset}"),
                        run_dir / rundir.CURVES)
+        write_evaluation(run_dir, logits, labels, classes, scores, cfg.name)
+        if exp.test_files:
+            rundir.atomic_write_text(run_dir / rundir.TEST_FILES, "".join(f + "\n" for f in exp.test_files))
         rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
         (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
         exp.tracker.finish(summary, [run_dir / name for name in (rundir.CONFIG, rundir.METRICS, rundir.SUMMARY,
