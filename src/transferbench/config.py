@@ -104,7 +104,8 @@ class RunConfig:
                                            "default on except for scratch")
     weights: str | None = option(None, "local state dict for the backbone (classifier keys are dropped, every other "
                                        "key must match)")
-    strategy: str = option("two-phase", "zero-shot, linear-probe, full, last-n:K, two-phase or scratch")
+    strategy: str = option("two-phase", "zero-shot, linear-probe, full, last-n:K, two-phase, scratch; the evaluation "
+                                        "protocols logreg (L-BFGS, penalty chosen on val, refit) and knn (weighted)")
     head_epochs: int = option(1, "two-phase: epochs that train the head alone")
     unfreeze_lr_scale: float = option(0.1, "two-phase: learning-rate scale once everything trains")
     epochs: int = option(10)
@@ -233,8 +234,10 @@ class RunConfig:
         c.dataset = canonical_dataset(c.dataset)  # so evaluate / export work from any directory later
         if c.pretrained is None:
             c.pretrained = not strategy.from_scratch and not c.weights and c.model != "simple_cnn"
-        if not strategy.trains:
+        if not strategy.trains or strategy.fits_features:
             c.epochs = 0
+        if strategy.fits_features:  # fitted on cached features of un-augmented images
+            c.augment, c.feature_cache = False, True
         if c.lr is None:
             head_tier = strategy.lr_tier == "head"
             c.lr = {"sgd": 0.1 if head_tier else 0.01}.get(c.optimizer, 1e-3 if head_tier else 1e-4)

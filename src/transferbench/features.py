@@ -31,6 +31,8 @@ def use_feature_cache(cfg: RunConfig, strategy: Strategy) -> bool:
         raise UserError(f"--feature-cache only applies to strategy linear-probe, not '{cfg.strategy}'")
     if not strategy.can_cache_features:
         return False
+    if strategy.fits_features:
+        return True
     if cfg.feature_cache and cfg.augment:
         raise UserError("--feature-cache and augmentation do not mix (cached features are of un-augmented images): "
                         "add --no-augment, or drop --feature-cache")

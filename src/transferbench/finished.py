@@ -73,6 +73,10 @@ def load_finished_run(run_dir: str | Path) -> FinishedRun:
         raise UserError(f"run directory {run_dir} does not exist")
     path = run_dir / rundir.MODEL
     if not path.is_file():
+        config = run_dir / rundir.CONFIG
+        if config.is_file() and rundir.read_json(config).get("strategy") == "knn":
+            raise UserError(f"{run_dir} is a knn run: its classifier is the training features themselves, kept in no "
+                            f"{rundir.MODEL}; its test predictions are in {rundir.PREDICTIONS}")
         raise UserError(f"{run_dir} has no {rundir.MODEL}: is it a finished transferbench run directory?")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -64,6 +64,19 @@ def curves_figure(history: list[dict], title: str):
 
 # ------------------------------------------------------------------------------------ plots
 
+def path_figure(curve: list[dict], title: str):
+    """An evaluation protocol's validation curve: accuracy along the L2 penalty (logreg) or k (knn)."""
+    key = "wd" if "wd" in curve[0] else "k"
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([p[key] for p in curve], [100 * p["val_acc"] for p in curve], "o-", markersize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("L2 penalty (weight decay; C = 1/wd)" if key == "wd" else "k nearest neighbours")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
 # ------------------------------------------------------------------------------------ one run's evaluation
 
 LABELLED_MAX = 30  # up to this many classes the heatmap's axes carry class names

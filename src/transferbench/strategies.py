@@ -24,6 +24,7 @@ class Kind:
     head_only: bool = False  # only the new head ever trains: the backbone's features can be cached
     phased: bool = False  # head alone for --head-epochs, then everything at --unfreeze-lr-scale
     takes_k: bool = False  # written KIND:K
+    fit: str = "sgd"  # how the trainable part is fitted: epochs of SGD/Adam, or a closed protocol on cached features
 
 
 KINDS: dict[str, Kind] = {
@@ -33,6 +34,9 @@ KINDS: dict[str, Kind] = {
     "last-n": Kind(takes_k=True),
     "two-phase": Kind(lr_tier="head", phased=True),
     "scratch": Kind(lr_tier="head", from_scratch=True),
+    # The field's evaluation protocols on frozen features (see `probes`): no epochs, no learning rate.
+    "logreg": Kind(head_only=True, fit="logreg"),
+    "knn": Kind(head_only=True, fit="knn"),
 }
 
 
@@ -53,6 +57,11 @@ class Strategy:
     lr_tier = property(lambda self: self.spec.lr_tier)
     from_scratch = property(lambda self: self.spec.from_scratch)
     phased = property(lambda self: self.spec.phased)
+
+    @property
+    def fits_features(self) -> bool:
+        """Fitted in closed form on cached features (logreg, knn), not trained for epochs."""
+        return self.spec.fit != "sgd"
 
     @property
     def can_cache_features(self) -> bool:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed, metrics, plots, rundir
+from . import distributed, metrics, plots, probes, rundir
 from .config import RunConfig, differences
 from .data import Batches, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
 from .errors import UserError
@@ -140,6 +140,7 @@ class Experiment:
     primary_metric: str = "top1"  # what the literature reports for this dataset
     test_files: list[str] | None = None  # a test split carved from the data: recorded in the run directory
     tracker: Tracker = field(default_factory=Tracker)  # --log: where else each epoch and the summary go
+    fitted: dict | None = None  # logreg / knn: what the protocol chose, its validation curve and time
 
     @property
     def model(self) -> nn.Module:
@@ -396,6 +397,53 @@ def write_evaluation(run_dir: Path, logits: torch.Tensor, labels: torch.Tensor, 
                    run_dir / rundir.PER_CLASS_PNG)
 
 
+class KNNClassifier(nn.Module):
+    """A kNN classifier as a module over features: its memory bank is the training split (see `probes`)."""
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("bank", bank)
+        self.register_buffer("labels", labels)
+        self.k, self.num_classes = k, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return probes.knn_predict(self.bank, self.labels, x, self.num_classes, self.k)
+
+
+def fit_features(exp: Experiment) -> Progress:
+    """logreg / knn: the protocol on cached features of train / val / test. Its outcome is a classifier like
+    any other (the head's weights, or a kNN over the training features), so the test split is scored once
+    by `finish`, as for every strategy."""
+    train, val, test = (b.data for b in (exp.train, exp.val, exp.test))
+    num_classes = len(exp.splits.classes)
+    t0 = time.perf_counter()
+    if exp.strategy.kind == "logreg":
+        head = exp.learner
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"logreg needs a linear classifier to hold its result; {exp.cfg.model}'s head "
+                            f"'{exp.bundle.head}' is a {type(head).__name__}")
+        out = probes.logreg_protocol(train.images, train.labels, val.images, val.labels, test.images, test.labels,
+                                     num_classes, progress=exp.progress)
+        with torch.no_grad():
+            head.weight.copy_(out["weight"])
+            head.bias.copy_(out["bias"])
+        chosen = {"chosen_wd": out["chosen_wd"]}
+        val_acc = next(p["val_acc"] for p in out["val_curve"] if p["wd"] == out["chosen_wd"])
+    else:
+        out = probes.knn_protocol(train.images, train.labels, val.images, val.labels, test.images, test.labels,
+                                  num_classes)
+        exp.learner = KNNClassifier(train.images.to(exp.device), train.labels.to(exp.device), out["chosen_k"],
+                                    num_classes)
+        chosen = {"chosen_k": out["chosen_k"]}
+        val_acc = next(p["val_acc"] for p in out["val_curve"] if p["k"] == out["chosen_k"])
+    seconds = time.perf_counter() - t0
+    exp.fitted = {**chosen, "val_curve": out["val_curve"], "fit_time_s": seconds}
+    log.info(f"{exp.strategy.name}: {chosen} chosen on validation (val acc {val_acc:.4f}), {seconds:.1f}s")
+    history = [{"epoch": 0, "phase": 0, "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": val_acc,
+                "lr": 0.0, "epoch_time_s": seconds, "images_per_s": None}]
+    return Progress(history, {"epoch": 0, "val_acc": val_acc, "state": exp.learner.state_dict()})
+
+
 def finish(exp: Experiment, done: Progress) -> dict:
     """Test the weights selected on validation, once; write model.pt, curves.png and summary.json."""
     cfg = exp.cfg
@@ -410,7 +458,7 @@ def finish(exp: Experiment, done: Progress) -> dict:
     scores = metrics.classification_metrics(logits, labels)
     test_acc = scores["top1"]
     trained = [h for h in done.history if h["train_loss"] is not None]
-    train_time = sum(h["epoch_time_s"] for h in trained)
+    train_time = exp.fitted["fit_time_s"] if exp.fitted else sum(h["epoch_time_s"] for h in trained)
     trainable, total = count_params(exp.model)
     classes = exp.splits.classes
     summary = {
@@ -430,16 +478,21 @@ def finish(exp: Experiment, done: Progress) -> dict:
         "test_nll": scores["nll"], "test_ece": scores["ece"], "test_per_class_acc": scores["per_class_acc"],
         "data_fingerprint": exp.data, "protocol": "refit on train+val, last epoch" if cfg.refit else
         "selected on validation",
+        **(exp.fitted or {}),
     }
     if distributed.is_main():
         run_dir = exp.run_dir
         rundir.atomic_write_jsonl(run_dir / rundir.METRICS, done.history)
-        rundir.atomic_torch_save({
-            "format": 1, "config": cfg.to_dict(), "classes": classes, "data_config": exp.bundle.data_config.to_dict(),
-            "image_size": cfg.image_size, "state_dict": {k: v.cpu() for k, v in exp.model.state_dict().items()},
-            "test_acc": test_acc}, run_dir / rundir.MODEL)
-        plots.save_png(plots.curves_figure(done.history, f"{cfg.name}: {cfg.model} on {cfg.dataset}"),
-                       run_dir / rundir.CURVES)
+        if exp.strategy.kind != "knn":  # a kNN classifier is its memory bank: predictions.npz holds what it said
+            rundir.atomic_torch_save({
+                "format": 1, "config": cfg.to_dict(), "classes": classes,
+                "data_config": exp.bundle.data_config.to_dict(), "image_size": cfg.image_size,
+                "state_dict": {k: v.cpu() for k, v in exp.model.state_dict().items()}, "test_acc": test_acc},
+                run_dir / rundir.MODEL)
+        title = f"{cfg.name}: {cfg.model} on {cfg.dataset}"
+        figure = plots.path_figure(exp.fitted["val_curve"], title) if exp.fitted else plots.curves_figure(
+            done.history, title)
+        plots.save_png(figure, run_dir / rundir.CURVES)
         write_evaluation(run_dir, logits, labels, classes, scores, cfg.name)
         if exp.test_files:
             rundir.atomic_write_text(run_dir / rundir.TEST_FILES, "".join(f + "\n" for f in exp.test_files))
@@ -472,8 +525,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
         exp.tracker = open_trackers(cfg.trackers(), run_dir=exp.run_dir, config=cfg.to_dict(), tags={
             "run": cfg.name, "dataset": cfg.dataset, "model": cfg.model, "strategy": cfg.strategy, **(tags or {})})
     try:
-        done = restore(exp)
-        for phase in exp.plan:
+        done = fit_features(exp) if exp.strategy.fits_features else restore(exp)
+        for phase in exp.plan if not exp.strategy.fits_features else []:
             if phase.end_epoch <= done.start_epoch or phase.end_epoch == phase.first_epoch:
                 continue
             state = start_phase(exp, phase)
