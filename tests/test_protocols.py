@@ -73,3 +73,26 @@ def test_refit_trains_on_train_and_val_and_keeps_the_last_epoch(tmp_path, cli_ru
     assert code == 0, err
     s = summary(tmp_path, "d-simple_cnn-scratch-s0")
     assert s["train_images"] == 24 and s["best_epoch"] == 3 and s["protocol"].startswith("refit")
+
+
+def test_predict_classifies_files_folders_and_globs_and_reports_unreadable_ones(folder, tmp_path, cli_run):
+    assert cli_run("run", "--dataset", f"folder:{folder}", "--model", "simple_cnn", "--strategy", "scratch",
+                   "--epochs", "2", "--lr", "3e-3", "--output-dir", tmp_path / "runs", "--name", "r", *COMMON)[0] == 0
+    run_dir = tmp_path / "runs" / "r"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    code, out, err = cli_run("predict", run_dir, folder / "test" / "alpha", str(folder / "test" / "beta" / "*.png"),
+                             tmp_path / "bad.png", "--top-k", "2")
+    assert code == 0, err
+    rows = [line.split(",") for line in out.strip().splitlines()]
+    assert rows[0] == ["path", "class1", "prob1", "class2", "prob2", "error"]
+    assert len(rows) == 1 + 6 + 3 + 1 and "1 of 10 images could not be read" in err
+    bad = next(r for r in rows if r[0].endswith("bad.png"))
+    assert bad[1] == "" and "cannot read image" in bad[-1]
+    for r in rows[1:]:
+        if r[1]:
+            assert r[1] in ("alpha", "beta", "gamma") and 1 >= float(r[2]) >= float(r[4]) >= 0
+    # the model's own answer for a test image equals what the run's evaluation predicted for it
+    alpha = [r for r in rows[1:] if "/alpha/" in r[0]]
+    assert sum(r[1] == "alpha" for r in alpha) >= 4  # colour-coded classes: the run learned them
+    code, out, err = cli_run("predict", run_dir, tmp_path / "bad.png", "--out", tmp_path / "p.csv")
+    assert code == 1 and (tmp_path / "p.csv").read_text().count("\n") == 2

@@ -2,6 +2,6 @@
 status, thin over the library. A new command is a module here and a line in COMMANDS."""
 from __future__ import annotations
 
-from . import evaluate, export, report, run, study
+from . import evaluate, export, predict, report, run, study
 
-COMMANDS = {"run": run, "evaluate": evaluate, "study": study, "report": report, "export": export}
+COMMANDS = {"run": run, "evaluate": evaluate, "study": study, "report": report, "export": export, "predict": predict}
