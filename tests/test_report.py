@@ -131,8 +131,8 @@ def test_report_numbers_references_and_selection(tmp_path, cli_run):
 def kinds(out: Path) -> set[str]:
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    found = set(re.findall(r'data-kind="([a-z-]+)"', page))
-    kind = r"-(curves|unfrozen|train-size|resolution|time)\.png"
+    found = set(re.findall(r'data-kind="([a-z0-9-]+)"', page))
+    kind = r"-(curves|unfrozen|train-size|shots|resolution|time|confusion-[a-z0-9]+|per-class-[a-z0-9]+)\.png"
     assert found == set(re.findall(r"\(report-plots/[\w.-]+?" + kind + r"\)", md))
     files = [p.name for p in (out / "report-plots").glob("*.png")] if (out / "report-plots").exists() else []
     assert sorted(re.search(kind + "$", f).group(1) for f in files) == sorted(found)
@@ -258,7 +258,9 @@ def test_report_of_real_runs_has_their_numbers(real_report):
         tests = [s["test_acc"] for s in summaries.values() if s["strategy"] == strategy]
         row = next(l for l in md.splitlines() if l.startswith(f"| simple_cnn | {strategy} |"))
         assert f"| {pm(tests)} | 2 |" in row
-    assert kinds(out) == {"curves", "time"}
+    # the confusion matrix and per-class accuracy of the configuration with the best validation accuracy
+    assert kinds(out) == {"curves", "time", "confusion-imgs", "per-class-imgs"}
+    assert "top-5 (%)" not in md and "| mean per-class (%) | ECE (%) |" in md  # 3 classes: no top-5
 
 
 def browser() -> str | None:

@@ -253,10 +253,12 @@ AXES: dict[str, tuple[Callable[[Group], float | None], str, tuple[str, ...], tup
                  ("dataset", "model", "image_size"), ("strategy",)),
     "train-size": (_train_size, "training images", ("dataset", "model", "strategy", "image_size"), ("train_subset",)),
     "resolution": (_resolution, "input resolution (px)", ("dataset", "model", "strategy"), ("image_size",)),
+    "shots": (lambda g: g.settings.get("shots"), "training images per class (shots)",
+              ("dataset", "model", "strategy", "image_size"), ("shots",)),
 }
 TITLES = {"curves": "learning curves", "unfrozen": "accuracy vs unfrozen layers",
           "train-size": "accuracy vs training-set size", "resolution": "accuracy vs input resolution",
-          "time": "accuracy vs training time"}
+          "time": "accuracy vs training time", "shots": "few-shot accuracy vs shots (mean ± std over seeds)"}
 def short_labels(groups: list[Group]) -> dict[int, str]:
     """Each group named by what sets it apart from the others shown with it."""
     keys = varying_keys(groups, declared=True) or ["model", "strategy"]

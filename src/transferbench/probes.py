@@ -37,7 +37,7 @@ LOGREG_TOL = 1e-3
 LOGREG_MAX_ITER = 100
 _HISTORY = 10        # L-BFGS memory (curvature pairs), as in scipy's default
 _ARMIJO_C1 = 1e-4    # sufficient-decrease constant of the backtracking line search
-_MAX_BACKTRACKS = 20
+_MAX_BACKTRACKS = 10  # shrinks t below 1e-3: a quasi-Newton step failing that far is noise
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -169,11 +169,14 @@ class _LogregProblem:
         gb = torch.zeros_like(bias)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for xs, ys in zip(self.xc.split(self.chunk), self.y.split(self.chunk)):
-            # Few, whole-chunk ops: on a shared CPU every parallel op pays a thread-sync, so fusing matters.
-            logp = torch.log_softmax(torch.addmm(bias, xs, weight.T), 1)
-            loss -= logp.gather(1, ys[:, None]).sum(dtype=torch.float64)
+            # Softmax in float64 (it is only (chunk, C)): under weak penalties training data is often
+            # separated, per-sample losses are log(1 + 1e-10)-small, and float32 rounds them to 0, which
+            # leaves the line search a staircase to walk on. Few whole-chunk ops: each pays a thread sync.
+            logp = torch.log_softmax(torch.addmm(bias, xs, weight.T).double(), 1)
+            loss -= logp.gather(1, ys[:, None]).sum()
             p = logp.exp_()
             p.scatter_add_(1, ys[:, None], p.new_full((len(ys), 1), -1.0))  # d CE / d logits = p - onehot
+            p = p.to(self.dtype)
             gw.addmm_(p.T, xs)
             gb += p.sum(0)
         u = theta[:, :-1]
@@ -263,35 +266,47 @@ def _lbfgs(prob: _LogregProblem, state: _LbfgsState, lam: float, max_iter: int, 
             return it, "converged"
         if it == max_iter:
             return it, "max_iter"
-        # Backtracking from the quasi-Newton step t = 1. The objective is strictly convex, so any accepted
-        # step has s.y > 0 and a Wolfe curvature test buys nothing. Sufficient decrease is Armijo's test or,
-        # where f is flat to working precision (weak penalties in float32: decreases of ~1e-9 on f ~ 0.1),
-        # Hager & Zhang's approximate-Wolfe test, which reads the slope (accurate) instead of f (noise).
-        t, f0 = 1.0, state.f
-        f_noise = 16 * torch.finfo(prob.dtype).eps * abs(f0)
-        accepted = False
-        for _ in range(_MAX_BACKTRACKS):
-            theta_new = state.theta + t * d
-            f_new, g_new = prob.loss_grad(theta_new, lam)
-            if not math.isfinite(f_new):
-                t *= 0.1
-                continue
-            slope = float((g_new * d).sum())  # d f(theta + t d) / dt at t; gd at t = 0
-            if f_new <= f0 + _ARMIJO_C1 * t * gd or (f_new <= f0 + f_noise and slope <= -0.8 * gd):
-                accepted = True
-                break
-            # Zero of the slope's secant between 0 and t (f is convex along d), kept within [0.1 t, 0.5 t].
-            t_sec = t * gd / (gd - slope) if slope > gd else 0.1 * t
-            t = min(max(t_sec, 0.1 * t), 0.5 * t)
-        if not accepted:
-            # No step passes even when tiny: working precision ran out before tol.
-            return it, "stalled"
+        found = _line_search(prob, state, d, gd, lam)
+        if found is None and state.pairs:
+            # A poor quasi-Newton direction (stale history): retry once along the preconditioned gradient.
+            state.pairs.clear()
+            d = -h * g
+            found = _line_search(prob, state, d, float((g * d).sum()), lam)
+        if found is None:
+            return it, "stalled"  # no step passes even when tiny: working precision ran out before tol
+        theta_new, f_new, g_new = found
         s, y = theta_new - state.theta, g_new - g
         if float((s * y).sum()) > 1e-12 * float(s.norm() * y.norm()):
             state.pairs.append((s, y))
             del state.pairs[:-_HISTORY]
         state.theta, state.f, state.grad = theta_new, f_new, g_new
     return max_iter, "max_iter"  # unreachable: the loop returns
+
+
+def _line_search(prob: _LogregProblem, state: _LbfgsState, d: torch.Tensor, gd: float, lam: float
+                 ) -> tuple[torch.Tensor, float, torch.Tensor] | None:
+    """Backtrack from the quasi-Newton step t = 1; return (theta, f, grad) at the accepted point, or None.
+
+    The objective is strictly convex, so any accepted step has s.y > 0 and a Wolfe curvature test buys
+    nothing. Sufficient decrease is Armijo's test or, where f is flat to working precision (decreases of
+    ~1e-9 on f ~ 1e-3 under weak penalties), Hager & Zhang's approximate-Wolfe test, which reads the
+    slope (accurate) instead of differences of f (noise).
+    """
+    t, f0 = 1.0, state.f
+    f_noise = 16 * torch.finfo(prob.dtype).eps * abs(f0)
+    for _ in range(_MAX_BACKTRACKS):
+        theta_new = state.theta + t * d
+        f_new, g_new = prob.loss_grad(theta_new, lam)
+        if not math.isfinite(f_new):
+            t *= 0.1
+            continue
+        slope = float((g_new * d).sum())  # d f(theta + t d) / dt at t; gd at t = 0
+        if f_new <= f0 + _ARMIJO_C1 * t * gd or (f_new <= f0 + f_noise and slope <= -0.8 * gd):
+            return theta_new, f_new, g_new
+        # Zero of the slope's secant between 0 and t (f is convex along d), kept within [0.1 t, 0.5 t].
+        t_sec = t * gd / (gd - slope) if slope > gd else 0.1 * t
+        t = min(max(t_sec, 0.1 * t), 0.5 * t)
+    return None
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,

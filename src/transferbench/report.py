@@ -44,10 +44,14 @@ from .results import (
 )
 
 PLOTS_DIR = "report-plots"
+# Recorded beside top-1 by every run (see training.finish): summary key, column, format (mean, std)
+EXTRA_METRICS = [("test_top5", "top-5 (%)", pct), ("test_mean_per_class_acc", "mean per-class (%)", pct),
+                 ("test_ece", "ECE (%)", pct)]
 # results.csv: summary.json's figures; what summary.json says about how the run ran, beside the options asked for
 SUMMARY_COLUMNS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_time_s", "images_per_s",
                    "peak_memory_mb", "trainable_params", "total_params", "num_classes", "train_images",
-                   "val_images", "test_images", "world_size")
+                   "val_images", "test_images", "world_size", "primary_metric", "primary_value", "test_top5",
+                   "test_mean_per_class_acc", "test_nll", "test_ece", "chosen_wd", "chosen_k", "protocol")
 SUMMARY_RENAMED = {"device": "device_used", "feature_cache": "feature_cache_used", "augment": "augmented"}
 
 
@@ -87,11 +91,19 @@ class Section:
             cols += ["seeds"]
         if self.study and self.study.references:
             cols += ["published (%)", "Δ (pp)"]
+        cols += [name for key, name, _ in EXTRA_METRICS if key in self.extra_metrics]
         return cols + ["best val acc (%)", "train time (s)", "images/s"]
+
+    @property
+    def extra_metrics(self) -> list[str]:
+        """The evaluation metrics beyond top-1 that the runs recorded (older runs have none)."""
+        return [key for key, _, _ in EXTRA_METRICS if any(r.summary.get(key) is not None
+                                                          for g in self.groups for r in g.runs)]
 
     @staticmethod
     def cell(g: Group, key: str) -> str:
-        return "—" if not g.strategy.trains and key in TRAINING_ONLY else fmt_setting(key, g.get(key))
+        no_training = not g.strategy.trains or g.strategy.fits_features  # nothing learned with a learning rate
+        return "—" if no_training and key in TRAINING_ONLY else fmt_setting(key, g.get(key))
 
     def rows(self) -> list[list[str]]:
         chosen = {s["group"].key: s["name"] for s in self.selections if s.get("group") is not None}
@@ -110,6 +122,7 @@ class Section:
                                    for r in refs) or "",
                         " / ".join(f"{100 * g.mean(r.get('metric', 'test_acc')) - r['value']:+.2f}"
                                    for r in refs) or ""]
+            row += [fmt(g.mean(key), g.std(key)) for key, _, fmt in EXTRA_METRICS if key in self.extra_metrics]
             t, ips = g.mean("train_time_s"), g.mean("images_per_s")
             row += [pct(g.mean("best_val_acc")), "—" if not t else f"{t:.1f}" if t < 100 else f"{t:.0f}",
                     "—" if ips is None else f"{ips:.0f}"]
@@ -125,7 +138,31 @@ class Section:
         versions = sorted({", ".join(f"{k} {v}" for k, v in (r.summary.get("versions") or {}).items() if k != "python")
                            for g in self.groups for r in g.runs} - {""})
         lines.append(f"Device: {', '.join(devices)}" + (f"; {'; '.join(versions)}" if versions else ""))
+        primary = sorted({(str(r.summary.get("dataset")), r.summary["primary_metric"]) for g in self.groups
+                          for r in g.runs if r.summary.get("primary_metric") not in (None, "top1")})
+        for dataset, metric in primary:
+            lines.append(f"{dataset_label(dataset, self.study, self.labels)}: the literature reports "
+                         f"{metric.replace('_', ' ')} (column beside test acc)")
         return lines
+
+
+def run_figures(section: Section) -> list[plots.Plot]:
+    """Per dataset, the confusion matrix and per-class accuracy of the run a reader should look at: the
+    study's selected configuration, else the one with the best validation accuracy (never chosen on test)."""
+    figures = []
+    chosen = [s["group"] for s in section.selections if s.get("group") is not None]
+    for dataset in section.datasets:
+        groups = [g for g in chosen if g.settings.get("dataset") == dataset] or [
+            g for g in section.groups if g.settings.get("dataset") == dataset]
+        best = max(groups, key=lambda g: g.mean("best_val_acc") or 0.0)
+        run = best.runs[0]
+        label = dataset_label(dataset, section.study, section.labels)
+        for kind, name, what in (("confusion", rundir.CONFUSION_PNG, "confusion matrix"),
+                                 ("per-class", rundir.PER_CLASS_PNG, "per-class accuracy")):
+            if (run.dir / name).is_file():
+                figures.append(plots.Plot(f"{kind}-{slug(label)}", f"{section.title}: {what} of {run.name} ({label})",
+                                          (run.dir / name).read_bytes()))
+    return figures
 
 
 def build_sections(runs: list[Run], labels: dict[str, str] | None = None) -> list[Section]:
@@ -143,8 +180,9 @@ def build_sections(runs: list[Run], labels: dict[str, str] | None = None) -> lis
             title = study.name if names.count(study.name) == 1 else f"{study.name} ({study.dir})"
         section = Section(title, study, groups, labels, [s for s in selections if s["study_info"] is study])
         for plot in (plots.curves_plot(groups, title), plots.axis_plot(groups, "unfrozen", title),
-                     plots.axis_plot(groups, "train-size", title), plots.axis_plot(groups, "resolution", title),
-                     plots.time_plot(groups, title)):
+                     plots.axis_plot(groups, "train-size", title), plots.axis_plot(groups, "shots", title),
+                     plots.axis_plot(groups, "resolution", title), plots.time_plot(groups, title),
+                     *run_figures(section)):
             if plot is not None:
                 section.plots.append(plot)
         sections.append(section)

@@ -166,7 +166,8 @@ class Group:
 
     @property
     def trained(self) -> bool:
-        return self.strategy.trains and bool(self.settings.get("epochs"))
+        """Trained or fitted on the training split (zero-shot is not; logreg / knn are, without epochs)."""
+        return self.strategy.trains and (bool(self.settings.get("epochs")) or self.strategy.fits_features)
 
 
 def _key(value: Any) -> str:

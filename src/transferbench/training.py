@@ -466,7 +466,7 @@ def finish(exp: Experiment, done: Progress) -> dict:
         "best_epoch": done.best["epoch"], "epochs": cfg.epochs, "trainable_params": trainable, "total_params": total,
         "train_time_s": train_time,
         "images_per_s": (sum(h["images_per_s"] * h["epoch_time_s"] for h in trained) / train_time
-                         if train_time else None),
+                         if train_time and trained else None),
         "peak_memory_mb": peak_memory_mb(exp.device), "model": cfg.model, "dataset": cfg.dataset,
         "strategy": cfg.strategy, "seed": cfg.seed, "image_size": cfg.image_size, "num_classes": len(classes),
         "device": str(exp.device), "world_size": distributed.world_size(), "feature_cache": exp.cached,
