@@ -21,6 +21,8 @@ from .strategies import parse_strategy
 from .trackers import KINDS as TRACKERS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+AUGMENTS = ("none", "crop-flip", "rrc", "trivialaugment", "randaugment")
+HEAD_INITS = ("train", "logreg")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**32 - 1  # numpy's default_rng and torch.manual_seed both take it
 
@@ -34,11 +36,12 @@ def default_data_dir() -> Path:
 
 
 def option(default: Any, help: str = "", *, neutral: bool = False, short: tuple[str, ...] = (),
-           choices: tuple[str, ...] | None = None) -> Any:
+           choices: tuple[str, ...] | None = None, bool_alias: tuple[str, str] | None = None) -> Any:
     """A RunConfig field. neutral: says where or how fast a run runs, never what it computes, so it may
-    differ when a run is resumed and never tells two runs apart in a report."""
+    differ when a run is resumed and never tells two runs apart in a report. bool_alias: the values that
+    false / true stand for (--no-augment, `augment: false` in a study file, configs of older versions)."""
     return dataclasses.field(default=default, metadata={"help": help, "neutral": neutral, "short": short,
-                                                        "choices": choices})
+                                                        "choices": choices, "bool_alias": bool_alias})
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -118,7 +121,24 @@ class RunConfig:
                                                "epochs >= 5, else 0)")
     label_smoothing: float = option(0.1)
     image_size: int | None = option(None, "input resolution (default: the weights' own, e.g. 224)")
-    augment: bool = option(True, "random crop with padding + horizontal flip, in batches on the device")
+    augment: str = option("crop-flip", "training augmentation, in batches on the device: none, crop-flip (random "
+                                       "crop with reflect padding + flip), rrc (random-resized-crop + flip), "
+                                       "trivialaugment, randaugment; --no-augment is none", choices=AUGMENTS,
+                          bool_alias=("none", "crop-flip"))
+    mixup: float = option(0.0, "mixup alpha (timm's Mixup; 0 = off)")
+    cutmix: float = option(0.0, "cutmix alpha (timm's Mixup; 0 = off)")
+    random_erasing: float = option(0.0, "probability of random erasing per image (timm's RandomErasing)")
+    layer_decay: float | None = option(None, "layer-wise learning-rate decay: each block down from the head trains at "
+                                             "this factor times the rate of the one above (timm's group_matcher; per "
+                                             "stage for torchvision models)")
+    head_lr_scale: float | None = option(None, "learning-rate factor of the new head when pretrained layers train too "
+                                               "(default 10 for full and last-n, 1 otherwise)")
+    ema: float | None = option(None, "exponential moving average of the weights with this decay (e.g. 0.999), "
+                                     "evaluated and selected like the raw weights")
+    drop_path: float | None = option(None, "stochastic depth rate, where the model has it")
+    head_init: str = option("train", "two-phase: the head before everything trains: train (--head-epochs of "
+                                     "training) or logreg (the validated logistic-regression head: LP-FT)",
+                            choices=HEAD_INITS)
     bn_frozen: bool = option(False, "BatchNorm layers keep their pretrained running statistics while they train "
                                     "(small data, small batches)")
     val_fraction: float = option(0.1, "stratified validation split carved from train, used for model selection "
@@ -143,6 +163,12 @@ class RunConfig:
                                    "transferbench[tracking])", neutral=True)
     output_dir: str = option("runs", "parent of the run directory", neutral=True)
     name: str | None = option(None, "run directory name (default <dataset>-<model>-<strategy>-s<seed>)", neutral=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) and f.metadata["bool_alias"]:
+                setattr(self, f.name, f.metadata["bool_alias"][value])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +211,16 @@ class RunConfig:
             (self.head_epochs >= 1, f"--head-epochs must be >= 1, got {self.head_epochs}"),
             (self.unfreeze_lr_scale > 0, f"--unfreeze-lr-scale must be > 0, got {self.unfreeze_lr_scale}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}"),
+            (self.augment in AUGMENTS, f"unknown --augment '{self.augment}'; choose one of {', '.join(AUGMENTS)}"),
+            (self.head_init in HEAD_INITS, f"unknown --head-init '{self.head_init}'; choose {', '.join(HEAD_INITS)}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix are Beta-distribution alphas: >= 0"),
+            (0 <= self.random_erasing <= 1, f"--random-erasing is a probability, got {self.random_erasing}"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, f"--layer-decay must be in (0, 1], got "
+                                                                   f"{self.layer_decay}"),
+            (self.head_lr_scale is None or self.head_lr_scale > 0, f"--head-lr-scale must be > 0, got "
+                                                                  f"{self.head_lr_scale}"),
+            (self.ema is None or 0 < self.ema < 1, f"--ema is a decay in (0, 1), e.g. 0.999, got {self.ema}"),
+            (self.drop_path is None or 0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; choose one of "
                                            f"{', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"unknown --device '{self.device}'; choose one of {', '.join(DEVICES)}"),
@@ -196,7 +232,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        if strategy.phased and self.epochs <= self.head_epochs:
+        if strategy.phased and self.head_init == "train" and self.epochs <= self.head_epochs:
             raise UserError(
                 f"{strategy.name} trains the head for --head-epochs {self.head_epochs}, then everything: "
                 f"--epochs must be larger than that, got {self.epochs}"
@@ -211,6 +247,11 @@ class RunConfig:
             if kind not in TRACKERS:
                 raise UserError(f"--log: unknown tracker '{kind}'; choose from {', '.join(TRACKERS)} (comma-separated)."
                                 f"{did_you_mean(kind, TRACKERS)}")
+        if self.head_init != "train" and not strategy.phased:
+            raise UserError(f"--head-init {self.head_init} starts two-phase's fine-tuning from a fitted head; strategy "
+                            f"'{strategy.name}' has no head phase")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise UserError(f"--mixup / --cutmix mix pairs of images: --batch-size must be even, got {self.batch_size}")
         if self.weights and self.pretrained:
             raise UserError("give either --pretrained (download) or --weights FILE (local), not both")
         if self.weights:
@@ -237,7 +278,9 @@ class RunConfig:
         if not strategy.trains or strategy.fits_features:
             c.epochs = 0
         if strategy.fits_features:  # fitted on cached features of un-augmented images
-            c.augment, c.feature_cache = False, True
+            c.augment, c.feature_cache = "none", True
+        if c.head_lr_scale is None:  # a new head trained beside pretrained layers learns at 10x (fastai, timm)
+            c.head_lr_scale = 10.0 if strategy.lr_tier == "backbone" and strategy.trains else 1.0
         if c.lr is None:
             head_tier = strategy.lr_tier == "head"
             c.lr = {"sgd": 0.1 if head_tier else 0.01}.get(c.optimizer, 1e-3 if head_tier else 1e-4)
@@ -253,6 +296,7 @@ class RunConfig:
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 NEUTRAL: frozenset[str] = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["neutral"])
 _HINTS = typing.get_type_hints(RunConfig)
+_ALIASES = {f.name: f.metadata["bool_alias"] for f in dataclasses.fields(RunConfig) if f.metadata["bool_alias"]}
 
 
 def flag(name: str) -> str:
@@ -271,6 +315,7 @@ def field_type(name: str) -> tuple[type, bool]:
 def differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Options whose values change the result and differ between a recorded configuration and a new one.
     A value not decided yet (None in `new`) or not recorded (older files) is no difference."""
+    saved = {k: _ALIASES[k][v] if k in _ALIASES and isinstance(v, bool) else v for k, v in saved.items()}
     return [k for k, v in new.items() if k not in NEUTRAL and v is not None and k in saved and saved[k] != v]
 
 

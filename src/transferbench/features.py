@@ -33,10 +33,11 @@ def use_feature_cache(cfg: RunConfig, strategy: Strategy) -> bool:
         return False
     if strategy.fits_features:
         return True
-    if cfg.feature_cache and cfg.augment:
+    augmented = cfg.augment != "none"
+    if cfg.feature_cache and augmented:
         raise UserError("--feature-cache and augmentation do not mix (cached features are of un-augmented images): "
                         "add --no-augment, or drop --feature-cache")
-    return not cfg.augment if cfg.feature_cache is None else bool(cfg.feature_cache)
+    return not augmented if cfg.feature_cache is None else bool(cfg.feature_cache)
 
 
 def _update(h, t: torch.Tensor) -> None:

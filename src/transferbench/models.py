@@ -5,6 +5,7 @@ classifier module (what "head" means to every strategy), and the preprocessing c
 """
 from __future__ import annotations
 
+import inspect
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -114,21 +115,38 @@ def data_config(name: str) -> DataConfig:
     return (_torchvision_data_config if source == "torchvision" else _timm_data_config)(arch)
 
 
-def _torchvision(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
+def _torchvision(arch: str, pretrained: bool, image_size: int | None, drop_path: float | None) -> ModelBundle:
+    kwargs = {}
+    if drop_path is not None:
+        if "stochastic_depth_prob" not in inspect.signature(tvm.get_model_builder(arch)).parameters and not any(
+                "stochastic_depth_prob" in inspect.signature(c).parameters for c in _model_classes(arch)):
+            raise UserError(f"--drop-path: torchvision model '{arch}' has no stochastic depth; drop the option or "
+                            f"use a model that has it (efficientnet_*, convnext_*, swin_*, vit_*, ...)")
+        kwargs["stochastic_depth_prob"] = drop_path
     try:
-        model = tvm.get_model(arch, weights=tvm.get_model_weights(arch).DEFAULT if pretrained else None)
+        model = tvm.get_model(arch, weights=tvm.get_model_weights(arch).DEFAULT if pretrained else None, **kwargs)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad download raises RuntimeError
         raise _download_error(arch, err) from None
     return ModelBundle(model, _last_linear(model), _torchvision_data_config(arch), "torchvision", arch)
 
 
-def _timm(arch: str, pretrained: bool, image_size: int | None) -> ModelBundle:
-    kwargs = {}
+def _model_classes(arch: str) -> list[type]:
+    """The nn.Module classes a torchvision builder's module defines (where its real options live)."""
+    module = inspect.getmodule(tvm.get_model_builder(arch))
+    return [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, nn.Module)]
+
+
+def _timm(arch: str, pretrained: bool, image_size: int | None, drop_path: float | None) -> ModelBundle:
+    kwargs = {} if drop_path is None else {"drop_path_rate": drop_path}
     cfg = timm.get_pretrained_cfg(arch)
     if image_size and cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:
         kwargs["img_size"] = image_size  # ViT-style models: timm resamples position embeddings to fit
     try:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        if drop_path is None:
+            raise
+        raise UserError(f"--drop-path: timm model '{arch}' has no stochastic depth ({err})") from None
     except (OSError, RuntimeError) as err:
         raise _download_error(arch, err) from None
     except Exception as err:  # huggingface_hub's offline errors are not OSErrors in every version
@@ -247,14 +265,17 @@ def replace_head(bundle: ModelBundle, num_classes: int) -> None:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
-                 image_size: int | None = None) -> ModelBundle:
-    """`image_size` matters only to architectures built for one input size (ViTs)."""
+                 image_size: int | None = None, drop_path: float | None = None) -> ModelBundle:
+    """`image_size` matters only to architectures built for one input size (ViTs); `drop_path` is the
+    stochastic depth rate, where the architecture has it."""
     source, arch = resolve_name(name)
     if source == "transferbench":
         if pretrained or weights:
             raise UserError("simple_cnn has no pretrained weights: use --no-pretrained (strategy scratch or full)")
+        if drop_path is not None:
+            raise UserError("--drop-path: simple_cnn has no stochastic depth")
         return ModelBundle(SimpleCNN(num_classes), "classifier", data_config(name), source, arch)
-    bundle = (_torchvision if source == "torchvision" else _timm)(arch, pretrained, image_size)
+    bundle = (_torchvision if source == "torchvision" else _timm)(arch, pretrained, image_size, drop_path)
     if weights:
         load_backbone_weights(bundle, weights)
     replace_head(bundle, num_classes)

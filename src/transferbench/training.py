@@ -15,6 +15,7 @@ Under `torchrun` the same loop runs data-parallel (see `distributed`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import shutil
@@ -23,8 +24,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import timm.optim
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -32,7 +38,7 @@ from . import distributed, metrics, plots, probes, rundir
 from .config import RunConfig, differences
 from .data import Batches, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
 from .errors import UserError
-from .features import cached_head_training_inputs, use_feature_cache
+from .features import cached_features, cached_head_training_inputs, use_feature_cache
 from .host import peak_memory_mb, pick_device, reset_peak_memory, versions
 from .models import ModelBundle, check_input_size, create_model, data_config, resolve_name
 from .preprocess import Preprocess
@@ -91,16 +97,44 @@ def evaluate(model: nn.Module, batches: Batches, batch_size: int, amp: bool = Fa
     return loss, (logits.argmax(1) == labels).double().mean().item()
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation parameters: standard practice (timm, torchvision refs).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay: parameter name -> lr factor, 1 for the head and `decay` per block below
+    it. timm models say what a block is (their group_matcher, through timm's param_groups_layer_decay);
+    torchvision models by their top-level stages (a long nn.Sequential such as MobileNet's `features`
+    counts each of its children as one)."""
+    if hasattr(model, "group_matcher"):
+        ids = {id(p): name for name, p in model.named_parameters()}
+        groups = timm.optim.param_groups_layer_decay(model, weight_decay=0.0, layer_decay=decay)
+        return {ids[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    stages: list[str] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential) and len(child) > 3:
+            stages += [f"{name}.{sub}" for sub, _ in child.named_children()]
+        else:
+            stages.append(name)
+    scales = {}
+    for pname, _ in model.named_parameters():
+        stage = next(i for i, s in enumerate(stages) if pname == s or pname.startswith(s + "."))
+        scales[pname] = decay ** (len(stages) - 1 - stage)
+    return scales
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float, head: str | None = None) -> torch.optim.Optimizer:
+    """Parameter groups by (learning-rate factor, weight decay). No weight decay on biases and normalisation
+    parameters (timm, torchvision references); the new head at --head-lr-scale; --layer-decay below it."""
+    scales = layer_scales(model, cfg.layer_decay) if cfg.layer_decay else {}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = scales.get(name, 1.0) * (cfg.head_lr_scale if head and name.startswith(head + ".") else 1.0)
+        groups.setdefault((scale, cfg.weight_decay if p.ndim > 1 else 0.0), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": wd, "lr": lr * scale, "lr_scale": scale}
+                    for (scale, wd), ps in groups.items()]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr)
+    return cls(param_groups, lr=lr)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
@@ -141,6 +175,9 @@ class Experiment:
     test_files: list[str] | None = None  # a test split carved from the data: recorded in the run directory
     tracker: Tracker = field(default_factory=Tracker)  # --log: where else each epoch and the summary go
     fitted: dict | None = None  # logreg / knn: what the protocol chose, its validation curve and time
+    augmented: bool = False  # training batches are augmented (never for cached features)
+    mixup: Mixup | None = None  # --mixup / --cutmix
+    ema: ModelEmaV3 | None = None  # --ema
 
     @property
     def model(self) -> nn.Module:
@@ -242,17 +279,19 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
                         f"{checkpoint['data']}, now {data}): resume on the same data, or start a new run with --name "
                         f"or --overwrite")
     bundle = create_model(cfg.model, len(splits.classes), pretrained=bool(cfg.pretrained), weights=cfg.weights,
-                          image_size=cfg.image_size)
+                          image_size=cfg.image_size, drop_path=cfg.drop_path)
     bundle.model.to(device)
     check_input_size(bundle, cfg.image_size, device)
     if cfg.channels_last:
         bundle.model.to(memory_format=torch.channels_last)
     plan = strategy.phases(bundle.model, bundle.head, cfg.epochs, cfg.head_epochs, cfg.unfreeze_lr_scale)
+    if cfg.head_init == "logreg":  # LP-FT: the head is fitted (see init_head), every epoch fine-tunes everything
+        plan = [dataclasses.replace(plan[-1], first_epoch=0)]
     if distributed.is_main():
         rundir.atomic_write_json(run_dir / rundir.CONFIG, cfg.to_dict())
     apply_trainable(bundle.model, plan[-1].trainable)  # so the log line counts what trains in the end
 
-    prep = Preprocess.build(preprocessing, cfg.image_size, device, cfg.channels_last)
+    prep = Preprocess.build(preprocessing, cfg.image_size, device, cfg.channels_last, cfg.augment, cfg.random_erasing)
     cached = use_feature_cache(cfg, strategy)
     if cached:
         train, val, test_b, learner = cached_head_training_inputs(bundle, splits, prep, cfg, device,
@@ -262,10 +301,17 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
         learner = bundle.model
     steps = len(batch_indices(len(train), cfg.batch_size, shuffle=False, drop_last=True,
                               world_size=distributed.world_size()))
-    return Experiment(cfg, run_dir, final_dir, device, strategy, bundle, splits, plan, learner, train, val, test_b,
-                      cached, amp=device.type == "cuda" and cfg.amp is not False, steps_per_epoch=steps,
-                      checkpoint=checkpoint, progress=progress and distributed.is_main(), data=data,
-                      primary_metric=dataset.metric, test_files=dataset.test_files)
+    exp = Experiment(cfg, run_dir, final_dir, device, strategy, bundle, splits, plan, learner, train, val, test_b,
+                     cached, amp=device.type == "cuda" and cfg.amp is not False, steps_per_epoch=steps,
+                     checkpoint=checkpoint, progress=progress and distributed.is_main(), data=data,
+                     primary_metric=dataset.metric, test_files=dataset.test_files,
+                     augmented=cfg.augment != "none" and not cached)
+    if cfg.mixup or cfg.cutmix:
+        exp.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                          num_classes=len(splits.classes))
+    if cfg.ema:
+        exp.ema = ModelEmaV3(learner, decay=cfg.ema)
+    return exp
 
 
 def restore(exp: Experiment) -> Progress:
@@ -273,6 +319,8 @@ def restore(exp: Experiment) -> Progress:
     if exp.checkpoint is None:
         return Progress()
     exp.learner.load_state_dict(exp.checkpoint["model"])
+    if exp.ema is not None:
+        exp.ema.load_state_dict(exp.checkpoint["ema"])
     log.info(f"resuming {exp.run_dir} after epoch {exp.checkpoint['epoch'] + 1}")
     return Progress(exp.checkpoint["history"], exp.checkpoint["best"], exp.checkpoint["epoch"] + 1)
 
@@ -284,7 +332,7 @@ def start_phase(exp: Experiment, phase: Phase) -> PhaseState:
     cfg = exp.cfg
     if not exp.cached:
         apply_trainable(exp.model, phase.trainable)
-    optimizer = build_optimizer(exp.learner, cfg, cfg.lr * phase.lr_scale)
+    optimizer = build_optimizer(exp.learner, cfg, cfg.lr * phase.lr_scale, None if exp.cached else exp.bundle.head)
     total = max(1, (phase.end_epoch - phase.first_epoch) * exp.steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * exp.steps_per_epoch)) if cfg.warmup_epochs else 0
     scheduler = warmup_cosine(optimizer, total, warmup)
@@ -315,12 +363,18 @@ def train_one_epoch(exp: Experiment, state: PhaseState, epoch: int) -> dict:
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = tqdm(total=exp.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=not exp.progress)
-    batches = exp.train.iterate(cfg.batch_size, shuffle=True, augment=cfg.augment and not exp.cached, generator=order,
+    batches = exp.train.iterate(cfg.batch_size, shuffle=True, augment=exp.augmented, generator=order,
                                 aug_generator=aug, drop_last=True)
+    np.random.seed(epoch_seed(cfg.seed, epoch) % 2**32)  # timm's Mixup draws from numpy's global generator
     for step, (x, y) in enumerate(batches):
         with autocast_for(device, exp.amp):
-            logits = state.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if exp.mixup is not None:  # soft targets, label smoothing folded in
+                x, target = exp.mixup(x, y)
+                logits = state.forward(x)
+                loss = SoftTargetCrossEntropy()(logits.float(), target)
+            else:
+                logits = state.forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
             state.scaler.scale(loss).backward()
@@ -330,6 +384,8 @@ def train_one_epoch(exp: Experiment, state: PhaseState, epoch: int) -> dict:
             loss.backward()
             state.optimizer.step()
         state.scheduler.step()
+        if exp.ema is not None:
+            exp.ema.update(exp.learner)
         stats[0] += loss.detach() * len(y)
         stats[1] += (logits.detach().argmax(1) == y).sum()
         stats[2] += len(y)
@@ -361,11 +417,16 @@ def end_epoch(exp: Experiment, state: PhaseState, done: Progress, row: dict) -> 
     row = {"epoch": row["epoch"], "phase": row["phase"], "train_loss": row["train_loss"], "train_acc": row["train_acc"],
            "val_loss": val_loss, "val_acc": val_acc, "lr": state.optimizer.param_groups[0]["lr"],
            "epoch_time_s": row["epoch_time_s"], "images_per_s": row["images_per_s"]}
+    candidates = [(val_acc, False, exp.learner)]
+    if exp.ema is not None:  # the EMA weights are validated and selected like the raw ones
+        row["val_loss_ema"], row["val_acc_ema"] = evaluate(exp.ema.module, exp.val, exp.eval_batch_size, exp.amp)
+        candidates.append((row["val_acc_ema"], True, exp.ema.module))
     done.history.append(row)
     epoch = row["epoch"]
-    if val_acc > done.best["val_acc"] or cfg.refit:  # refit: the last epoch is the model (val was trained on)
-        done.best = {"epoch": epoch, "val_acc": val_acc,
-                     "state": {k: v.detach().to("cpu", copy=True) for k, v in exp.learner.state_dict().items()}}
+    acc, is_ema, weights = max(candidates, key=lambda c: c[0])  # the raw weights win a tie
+    if acc > done.best["val_acc"] or cfg.refit:  # refit: the last epoch is the model (val was trained on)
+        done.best = {"epoch": epoch, "val_acc": acc, "ema": is_ema,
+                     "state": {k: v.detach().to("cpu", copy=True) for k, v in weights.state_dict().items()}}
     exp.tracker.log_epoch(row, step=epoch)
     log.info(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
              f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  "
@@ -376,7 +437,8 @@ def end_epoch(exp: Experiment, state: PhaseState, done: Progress, row: dict) -> 
             "epoch": epoch - 1, "phase": state.phase.index, "model": exp.learner.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-            "history": done.history, "best": done.best, "data": exp.data}, exp.run_dir / rundir.CHECKPOINT)
+            "history": done.history, "best": done.best, "data": exp.data,
+            "ema": exp.ema.state_dict() if exp.ema is not None else None}, exp.run_dir / rundir.CHECKPOINT)
     after_epoch(epoch)
 
 
@@ -408,6 +470,30 @@ class KNNClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return probes.knn_predict(self.bank, self.labels, x, self.num_classes, self.k)
+
+
+def init_head(exp: Experiment) -> None:
+    """LP-FT (Kumar et al. 2022): fine-tuning starts from the validated logistic-regression head. The penalty is
+    chosen on validation along the logreg path; the head is then fitted on the training split alone, so
+    validation stays unseen for choosing the fine-tuning epoch."""
+    head = exp.model.get_submodule(exp.bundle.head)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"--head-init logreg needs a linear classifier; {exp.cfg.model}'s head is a "
+                        f"{type(head).__name__}")
+    prep = exp.train.prep
+    train, val = (cached_features(exp.bundle, s, prep, exp.cfg.model, exp.device, exp.eval_batch_size,
+                                  f"features ({name})", exp.progress) for name, s in (("train", exp.splits.train),
+                                                                                     ("val", exp.splits.val)))
+    num_classes = len(exp.splits.classes)
+    path = probes.logreg_protocol(train.images, train.labels, val.images, val.labels, val.images, val.labels,
+                                  num_classes, progress=exp.progress)
+    weight, bias = probes.fit_logreg(train.images, train.labels, num_classes, path["chosen_wd"],
+                                     init=(path["weight"], path["bias"]))
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    exp.fitted = {"head_init_wd": path["chosen_wd"]}
+    log.info(f"head initialised by logistic regression (penalty {path['chosen_wd']:g} chosen on validation)")
 
 
 def fit_features(exp: Experiment) -> Progress:
@@ -458,7 +544,8 @@ def finish(exp: Experiment, done: Progress) -> dict:
     scores = metrics.classification_metrics(logits, labels)
     test_acc = scores["top1"]
     trained = [h for h in done.history if h["train_loss"] is not None]
-    train_time = exp.fitted["fit_time_s"] if exp.fitted else sum(h["epoch_time_s"] for h in trained)
+    fitted = exp.strategy.fits_features
+    train_time = exp.fitted["fit_time_s"] if fitted else sum(h["epoch_time_s"] for h in trained)
     trainable, total = count_params(exp.model)
     classes = exp.splits.classes
     summary = {
@@ -470,7 +557,8 @@ def finish(exp: Experiment, done: Progress) -> dict:
         "peak_memory_mb": peak_memory_mb(exp.device), "model": cfg.model, "dataset": cfg.dataset,
         "strategy": cfg.strategy, "seed": cfg.seed, "image_size": cfg.image_size, "num_classes": len(classes),
         "device": str(exp.device), "world_size": distributed.world_size(), "feature_cache": exp.cached,
-        "augment": cfg.augment and not exp.cached, "train_images": len(exp.splits.train),
+        "augment": cfg.augment if exp.augmented else "none", "train_images": len(exp.splits.train),
+        "ema_selected": done.best.get("ema", False),
         "val_images": len(exp.splits.val), "test_images": len(exp.splits.test), "versions": versions(),
         # The literature's figure for this dataset (mean-per-class accuracy for Pets, Flowers, ...), and the rest
         "primary_metric": exp.primary_metric, "primary_value": scores[exp.primary_metric],
@@ -490,7 +578,7 @@ def finish(exp: Experiment, done: Progress) -> dict:
                 "state_dict": {k: v.cpu() for k, v in exp.model.state_dict().items()}, "test_acc": test_acc},
                 run_dir / rundir.MODEL)
         title = f"{cfg.name}: {cfg.model} on {cfg.dataset}"
-        figure = plots.path_figure(exp.fitted["val_curve"], title) if exp.fitted else plots.curves_figure(
+        figure = plots.path_figure(exp.fitted["val_curve"], title) if fitted else plots.curves_figure(
             done.history, title)
         plots.save_png(figure, run_dir / rundir.CURVES)
         write_evaluation(run_dir, logits, labels, classes, scores, cfg.name)
@@ -526,6 +614,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             "run": cfg.name, "dataset": cfg.dataset, "model": cfg.model, "strategy": cfg.strategy, **(tags or {})})
     try:
         done = fit_features(exp) if exp.strategy.fits_features else restore(exp)
+        if exp.cfg.head_init == "logreg" and done.start_epoch == 0:
+            init_head(exp)
         for phase in exp.plan if not exp.strategy.fits_features else []:
             if phase.end_epoch <= done.start_epoch or phase.end_epoch == phase.first_epoch:
                 continue

@@ -22,6 +22,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
+        elif meta["bool_alias"]:  # --augment [POLICY] and --no-augment
+            off, on = meta["bool_alias"]
+            parser.add_argument(*flags, dest=f.name, nargs="?", const=on, default=None, choices=meta["choices"],
+                                help=help_text + f" (bare {flags[0]}: {on})")
+            parser.add_argument("--no-" + flag(f.name), dest=f.name, action="store_const", const=off,
+                                help=f"{flags[0]} {off}")
         else:
             parser.add_argument(*flags, dest=f.name, type=kind, default=None, choices=meta["choices"],
                                 metavar=None if meta["choices"] else f.name.upper(), help=help_text)
