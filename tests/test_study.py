@@ -186,7 +186,8 @@ def stand_in_checkout(base: Path) -> Path:
     shared = base / "shared"
     make_folder(shared / "data" / "cifar10-jpeg", train_per_class=1, test_per_class=1)
     (shared / "weights").mkdir()
-    for name in ("tf_efficientnet_lite0.in1k.pth", "mobilenet_v2.features.pth"):
+    for name in ("tf_efficientnet_lite0.in1k.pth", "tf_efficientnet_lite1.in1k.pth", "tf_efficientnet_lite2.in1k.pth",
+                 "mobilenet_v2.features.pth"):
         (shared / "weights" / name).touch()
     (base / "checkout").mkdir()
     return base / "checkout"
