@@ -459,19 +459,6 @@ def write_evaluation(run_dir: Path, logits: torch.Tensor, labels: torch.Tensor, 
                    run_dir / rundir.PER_CLASS_PNG)
 
 
-class KNNClassifier(nn.Module):
-    """A kNN classifier as a module over features: its memory bank is the training split (see `probes`)."""
-
-    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int):
-        super().__init__()
-        self.register_buffer("bank", bank)
-        self.register_buffer("labels", labels)
-        self.k, self.num_classes = k, num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return probes.knn_predict(self.bank, self.labels, x, self.num_classes, self.k)
-
-
 def init_head(exp: Experiment) -> None:
     """LP-FT (Kumar et al. 2022): fine-tuning starts from the validated logistic-regression head. The penalty is
     chosen on validation along the logreg path; the head is then fitted on the training split alone, so
@@ -518,8 +505,8 @@ def fit_features(exp: Experiment) -> Progress:
     else:
         out = probes.knn_protocol(train.images, train.labels, val.images, val.labels, test.images, test.labels,
                                   num_classes)
-        exp.learner = KNNClassifier(train.images.to(exp.device), train.labels.to(exp.device), out["chosen_k"],
-                                    num_classes)
+        exp.learner = probes.KNNClassifier(train.images.to(exp.device), train.labels.to(exp.device), num_classes,
+                                           out["chosen_k"])
         chosen = {"chosen_k": out["chosen_k"]}
         val_acc = next(p["val_acc"] for p in out["val_curve"] if p["k"] == out["chosen_k"])
     seconds = time.perf_counter() - t0
