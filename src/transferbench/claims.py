@@ -11,6 +11,10 @@ the same way. The JSON's `heartbeat` is the claim time; `claim_state` reports th
 
 A worker should re-check that the run has no summary.json *after* claiming: another worker may have finished it and
 released its claim between listing the study and claiming.
+
+`intervals()` gives the (stale_after_s, heartbeat_s) every worker of a study should use: 120 s and 15 s, or
+`TRANSFERBENCH_CLAIM_STALE_S` (and optionally `TRANSFERBENCH_CLAIM_HEARTBEAT_S`, default a quarter of it, at most
+15 s) from the environment. Every process sharing a study directory should see the same values.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from typing import Any
 from .errors import UserError
 
 CLAIM_FILE = "claim.json"
+STALE_AFTER_S, HEARTBEAT_S = 120.0, 15.0
+STALE_ENV, HEARTBEAT_ENV = "TRANSFERBENCH_CLAIM_STALE_S", "TRANSFERBENCH_CLAIM_HEARTBEAT_S"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -146,6 +152,30 @@ def _check_intervals(stale_after_s: float, heartbeat_s: float) -> None:
     if stale_after_s < 2 * heartbeat_s:
         raise UserError(f"Claim stale_after_s={stale_after_s} must be at least twice heartbeat_s={heartbeat_s}, "
                         "or one late heartbeat gets a live worker's run taken over; use e.g. 120 s and 15 s.")
+
+
+def _seconds_from_env(name: str) -> float | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} must be a number of seconds") from None
+    if not value > 0:
+        raise UserError(f"{name}={text!r} must be a positive number of seconds")
+    return value
+
+
+def intervals() -> tuple[float, float]:
+    """(stale_after_s, heartbeat_s): the defaults, or what TRANSFERBENCH_CLAIM_STALE_S / _HEARTBEAT_S say."""
+    stale = _seconds_from_env(STALE_ENV) or STALE_AFTER_S
+    heartbeat = _seconds_from_env(HEARTBEAT_ENV) or min(HEARTBEAT_S, stale / 4)
+    try:
+        _check_intervals(stale, heartbeat)
+    except UserError as err:
+        raise UserError(f"{STALE_ENV} / {HEARTBEAT_ENV}: {err}") from None
+    return stale, heartbeat
 
 
 def _run_dir(run_dir: str | os.PathLike[str]) -> Path:

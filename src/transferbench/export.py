@@ -188,9 +188,8 @@ def quantize_int8(float_path: Path, out_path: Path, calibration, prep, work: Pat
     """Static QDQ quantization of a float ONNX graph, activation ranges calibrated on `calibration` images.
 
     Weights use 7 of their 8 bits (reduce_range): onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI
-    (AVX2 only) add pairs of products in int16, which saturates with full-range weights. On such a CPU, 8-bit
-    weights cost EfficientNet-Lite0 5 points of CIFAR-10 accuracy and took MobileNetV2 to near chance; 7-bit
-    weights run at the same speed without that loss (figures in the README)."""
+    (AVX2 only) add pairs of products in int16, which saturates with full-range weights; onnxruntime's
+    documentation recommends reduce_range there, and 7-bit weights run at the same speed."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -32,6 +32,13 @@ and the key. Running a study again skips complete runs and resumes interrupted o
 `match` (references) and `among` (select) name options as the file sets them, or `variant`; a list
 means any of its values. A selection compares configurations (seeds of one configuration averaged) by
 `by` and reports the chosen one's `report` figure; it never chooses on the test set.
+
+Running: `run_study` trains the planned runs in this process, each under a claim (see `claims`), so any number of
+processes may share one study directory at once: `study --workers N` on one machine (see `executors`), `--shard K/N`
+slices started by a scheduler, `--executor slurm` job arrays, or the same command started on several machines. A run
+is claimed atomically before it starts and checked again for summary.json once claimed; a run claimed elsewhere is
+waited for; a claim whose holder stopped heartbeating for TRANSFERBENCH_CLAIM_STALE_S (120 s) is taken over and its
+run resumed from its last checkpoint; a finished run is never started again. `status_lines` is `study --status`.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import json
 import logging
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,7 +56,7 @@ from typing import Any, Callable
 import yaml
 from tqdm import tqdm
 
-from . import rundir, training
+from . import claims, rundir, training
 from .config import FIELDS, RunConfig, canonical_dataset, default_run_name, differences, field_type, slug
 from .data import check_dataset
 from .errors import UserError, did_you_mean
@@ -174,6 +182,9 @@ def _coerce(src: str, where: str, key: str, value: Any) -> Any:
                 pass
     if kind is str and isinstance(value, str):
         return value
+    alias = RunConfig.__dataclass_fields__[key].metadata["bool_alias"]
+    if kind is str and alias and isinstance(value, bool):  # augment: false
+        return alias[value]
     raise UserError(f"{src}: {where}: '{key}' must be {names.get(kind, kind.__name__)}, got {value!r}")
 
 
@@ -523,13 +534,43 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
 
 # -------------------------------------------------------------------------------------- running
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard K/N` -> (K, N): the K-th of N slices of the grid, K counted from 0 (K = 0 .. N-1)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"--shard {text!r}: expected K/N, the K-th of N slices counted from 0 (e.g. --shard 0/4; in a "
+                        f"SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-3)")
+    k, n = int(m[1]), int(m[2])
+    if n < 1:
+        raise UserError(f"--shard {text}: N must be at least 1")
+    if k >= n:
+        raise UserError(f"--shard {k}/{n}: shards are numbered from 0 to {n - 1}. For a SLURM array that starts at 1 "
+                        f"(--array=1-{n}) pass --shard $((SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN))/"
+                        f"$SLURM_ARRAY_TASK_COUNT")
+    return k, n
+
+
+def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[PlannedRun]:
+    """Shard K of N: runs K, K+N, K+2N, ... in plan order. The shards are disjoint, cover the grid, and each gets a
+    mix of the grid's options (a slow axis is spread over all of them)."""
+    if shard is None:
+        return list(runs)
+    k, n = shard
+    return list(runs)[k::n]
+
+
 def check_existing(study: Study) -> dict[str, str]:
-    """State of every planned run; a run started or finished with other options is an error."""
+    """State of every planned run; a run started or finished with other options is an error. Safe while other
+    processes run the same study: every file it reads is written atomically, and one that vanishes meanwhile
+    (a finished run's checkpoint) is read as absent."""
     states = {}
     for run in study.runs:
         state = run.state()
         if state != "new":
-            saved = rundir.read_json(run.dir / rundir.CONFIG) if (run.dir / rundir.CONFIG).is_file() else {}
+            try:
+                saved = rundir.read_json(run.dir / rundir.CONFIG)
+            except FileNotFoundError:
+                saved = {}
             planned = run.config.resolved().to_dict()
             diffs = differences(saved, planned)
             if diffs:
@@ -543,7 +584,20 @@ def check_existing(study: Study) -> dict[str, str]:
     return states
 
 
-def _duration(seconds: float) -> str:
+def write_record(study: Study) -> None:
+    """study.json, unless it already says the same: many processes may start one study at once, and each
+    writes the same record atomically (a reader sees the old or the new file, whole)."""
+    path = study.dir / rundir.STUDY_RECORD
+    record = study.record()
+    try:
+        if rundir.read_json(path) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    rundir.atomic_write_json(path, record)
+
+
+def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -559,17 +613,23 @@ def _weight(run: PlannedRun) -> float:
     return 1.0 + run.config.epochs * (0.3 if run.config.train_subset else 1.0)
 
 
-class _Overall:
+def planned_epochs(run: PlannedRun) -> int:
+    """The epochs the run trains (0 for a strategy that trains nothing or fits cached features)."""
+    return run.config.resolved().epochs
+
+
+class Overall:
     """Overall progress (runs done / total, elapsed, estimate left), kept above each run's own bar."""
 
-    def __init__(self, study: Study, states: dict[str, str], enabled: bool):
-        self.total = len(study.runs)
-        self.done = sum(s == "complete" for s in states.values())
-        self.left_weight = sum(_weight(r) for r in study.runs if states[r.name] != "complete")
+    def __init__(self, name: str, runs: list[PlannedRun], states: dict[str, str], enabled: bool):
+        self.total = len(runs)
+        self.done = sum(states[r.name] == "complete" for r in runs)
+        self.left_weight = sum(_weight(r) for r in runs if states[r.name] != "complete")
         self.spent_weight = 0.0
         self.start = time.perf_counter()
+        self.note = ""
         self.bar = tqdm(total=self.total, initial=self.done, position=0, leave=True, dynamic_ncols=True,
-                        desc=f"study {study.name}", unit="run", disable=not enabled,
+                        desc=f"study {name}", unit="run", disable=not enabled,
                         bar_format="{desc}: {n_fmt}/{total_fmt} runs{postfix} |{bar}|")
         self.refresh()
 
@@ -577,16 +637,20 @@ class _Overall:
         elapsed = time.perf_counter() - self.start
         if self.spent_weight == 0:
             return "estimate after the first run"
-        return f"~{_duration(elapsed / self.spent_weight * self.left_weight)} left"
+        return f"~{format_duration(elapsed / self.spent_weight * max(self.left_weight, 0.0))} left"
 
     def status(self) -> str:
-        elapsed = _duration(time.perf_counter() - self.start)
+        elapsed = format_duration(time.perf_counter() - self.start)
         return f"{self.done}/{self.total} runs done, {elapsed} elapsed, {self.eta()}"
 
-    def refresh(self) -> None:
-        self.bar.set_postfix_str(f"{_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}")
+    def refresh(self, note: str | None = None) -> None:
+        if note is not None:
+            self.note = note
+        self.bar.set_postfix_str(f"{format_duration(time.perf_counter() - self.start)} elapsed, {self.eta()}"
+                                 + (f"; {self.note}" if self.note else ""))
 
     def finished(self, run: PlannedRun, completed: bool) -> None:
+        """A run this process (or one of its workers) trained ended, complete or failed."""
         w = _weight(run)
         self.left_weight -= w
         self.spent_weight += w
@@ -595,64 +659,242 @@ class _Overall:
             self.bar.update(1)
         self.refresh()
 
+    def done_elsewhere(self, run: PlannedRun) -> None:
+        """Another process completed the run: it counts as done, and says nothing about our speed."""
+        self.left_weight -= _weight(run)
+        self.done += 1
+        self.bar.update(1)
+        self.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
 
-def run_study(study: Study, *, progress: bool = True, keep_going: bool = False) -> dict[str, Any]:
-    """Run every planned run that is not complete yet (interrupted ones resume); returns the outcome."""
-    states = check_existing(study)
-    rundir.atomic_write_json(study.dir / rundir.STUDY_RECORD, study.record())
-    overall = _Overall(study, states, progress)
-    failed: dict[str, str] = {}
-    skipped = [r.name for r in study.runs if states[r.name] == "complete"]
-    if skipped:
-        log.info(f"study {study.name}: {len(skipped)} of {len(study.runs)} runs already complete, skipped")
+class Hooks:
+    """How a process running a study reports to whoever started it. The default reports nothing; a worker of
+    `study --workers N` publishes its state for the parent's display (see `executors`), a DDP task tells its other
+    ranks when to train."""
+
+    def update(self, **state: Any) -> None:
+        """The worker's state changed: state='running' (run, epoch, epochs, since), 'waiting' (waiting: names),
+        'idle'; done / failed: what it finished so far."""
+
+    def stop(self) -> bool:
+        """True when no new run should be started (a sibling worker failed and --keep-going is off)."""
+        return False
+
+    def failed_elsewhere(self) -> set[str]:
+        """Runs a sibling worker of the same session failed: not retried here."""
+        return set()
+
+    def before_training(self, run: PlannedRun) -> None:
+        """Called once the run is claimed, just before training.run."""
+
+
+WAIT_POLL_S = 2.0  # how often a process waiting for runs held elsewhere looks at them again
+
+
+class ClaimLost(Exception):
+    """Our claim on a run was taken over: our heartbeat stopped for longer than stale_after_s (the process was
+    suspended, the file server unreachable), and another worker now resumes the run."""
+
+
+@contextmanager
+def _watch_epochs(claim: claims.Claim, on_epoch: Callable[[int], None]):
+    """While a run trains: report each finished epoch, and stop at the next epoch boundary once the claim is lost
+    (the new owner has resumed from a checkpoint; two writers must not go on)."""
+    previous = training.after_epoch
+
+    def after_epoch(epoch: int) -> None:
+        previous(epoch)
+        on_epoch(epoch)
+        if claim.lost:
+            raise ClaimLost
+
+    training.after_epoch = after_epoch
     try:
-        for run in study.runs:
-            if states[run.name] == "complete":
-                continue
-            how = "resuming" if states[run.name] == "interrupted" else "starting"
-            log.info(f"[study {study.name}] {overall.status()}; {how} {run.name}")
-            try:
-                training.run(run.config, resume=run.dir.exists(), progress=progress, tags={"study": study.name})
-            except Exception as err:
-                overall.finished(run, completed=False)
-                if not isinstance(err, UserError):  # a bug, not bad input: keep its traceback for the report
-                    log.debug(f"run {run.name} failed", exc_info=True)
-                    err = UserError(f"{type(err).__name__}: {err}")
-                if not keep_going:
-                    raise UserError(f"study {study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix "
-                                    f"the problem and run the study again to continue (--keep-going runs the others "
-                                    f"first).") from None
-                failed[run.name] = str(err)
-                log.warning(f"[study {study.name}] run {run.name} failed: {err}")
-                continue
-            overall.finished(run, completed=True)
+        yield
     finally:
-        overall.close()
-    elapsed = time.perf_counter() - overall.start
-    log.info(f"study {study.name}: {overall.done}/{len(study.runs)} runs complete ({len(skipped)} skipped, "
-             f"{len(failed)} failed) in {_duration(elapsed)} -> {study.dir}")
-    selections = selection_results(load_runs(study.dir))
+        training.after_epoch = previous
+
+
+def _holder(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another worker"
+    return f"{info.get('host', '?')} pid {info.get('pid', '?')}"
+
+
+class _Runner:
+    """Runs the given runs of a study in this process, each under a claim, so that any number of processes may
+    share the study directory: a run claimed elsewhere is left to its holder and waited for, a run whose holder
+    stopped heartbeating is taken over and resumed, a finished run is never started again."""
+
+    def __init__(self, study: Study, runs: list[PlannedRun], states: dict[str, str], *, progress: bool,
+                 keep_going: bool, hooks: Hooks):
+        self.study, self.runs, self.progress, self.keep_going, self.hooks = study, runs, progress, keep_going, hooks
+        self.stale_s, self.heartbeat_s = claims.intervals()
+        self.overall = Overall(study.name, runs, states, progress)
+        self.ran: list[str] = []  # trained to completion here
+        self.elsewhere: list[str] = []  # completed by another process while this one ran
+        self.failed: dict[str, str] = {}
+
+    def attempt(self, run: PlannedRun) -> str:
+        """'done' (trained here), 'complete' (someone else finished it), 'busy' (claimed elsewhere) or 'lost'."""
+        if run.state() == "complete":
+            return "complete"
+        before = claims.claim_state(run.dir, self.stale_s)
+        claim = claims.try_claim(run.dir, stale_after_s=self.stale_s, heartbeat_s=self.heartbeat_s)
+        if claim is None:
+            return "complete" if run.state() == "complete" else "busy"
+        with claim:
+            state = run.state()  # after claiming: it may have been finished and released just now
+            if state == "complete":
+                return "complete"
+            name = self.study.name
+            if before and before["stale"]:
+                log.warning(f"[study {name}] {run.name}: {_holder(before)} sent no heartbeat for "
+                            f"{format_duration(before['age_s'])}; taking the run over")
+            epochs, done = planned_epochs(run), run.epochs_done()
+            how = f"resuming {run.name} after epoch {done}" if state == "interrupted" and done else (
+                f"resuming {run.name}" if state == "interrupted" else f"starting {run.name}")
+            log.info(f"[study {name}] {self.overall.status()}; {how}")
+            self.hooks.update(state="running", run=run.name, epoch=done, epochs=epochs, resumed_at=done,
+                              since=time.time())
+            self.hooks.before_training(run)
+            with _watch_epochs(claim, lambda epoch: self.hooks.update(epoch=epoch)):
+                try:
+                    summary = training.run(run.config, resume=True, progress=self.progress, tags={"study": name})
+                except ClaimLost:
+                    log.warning(f"[study {name}] {run.name}: our claim was taken over (no heartbeat for "
+                                f"{format_duration(self.stale_s)}: was this process suspended?); stopped, the new "
+                                f"holder goes on")
+                    return "lost"
+            self.ran.append(run.name)  # published before the claim goes, so no one reports it as done elsewhere first
+            self.hooks.update(state="idle", run=None, done=self.ran,
+                              last={"run": run.name, "test_acc": summary.get("test_acc")})
+        return "done"
+
+    def fail(self, run: PlannedRun, err: Exception) -> None:
+        self.overall.finished(run, completed=False)
+        if not isinstance(err, UserError):  # a bug, not bad input: keep its traceback for the report
+            log.debug(f"run {run.name} failed", exc_info=True)
+            err = UserError(f"{type(err).__name__}: {err}")
+        self.failed[run.name] = str(err)
+        self.hooks.update(state="idle", run=None, failed=self.failed)
+        if not self.keep_going:
+            raise UserError(f"study {self.study.name}: run '{run.name}' failed: {err}\nCompleted runs are kept: fix "
+                            f"the problem and run the study again to continue (--keep-going runs the others "
+                            f"first).") from None
+        log.warning(f"[study {self.study.name}] run {run.name} failed: {err}")
+
+    def wait_note(self, busy: list[PlannedRun]) -> str:
+        holders = []
+        for run in busy[:3]:
+            info = claims.claim_state(run.dir, self.stale_s)
+            beat = f", heartbeat {format_duration(info['age_s'])} ago" if info else ""
+            holders.append(f"{run.name} ({_holder(info)}{beat})")
+        more = f" and {len(busy) - 3} more" if len(busy) > 3 else ""
+        return (f"waiting for {len(busy)} run(s) other workers hold: {', '.join(holders)}{more}; a holder silent for "
+                f"{format_duration(self.stale_s)} is taken over")
+
+    def loop(self, pending: list[PlannedRun]) -> None:
+        """Pass over the pending runs until none is left. A pass that trained something is followed at once by
+        another (runs held elsewhere may have finished meanwhile); a pass that only found busy runs waits a little
+        (at most WAIT_POLL_S) before looking again."""
+        waiting_for: list[str] = []
+        while pending:
+            busy, progressed = [], False
+            for run in pending:
+                if self.hooks.stop():
+                    return
+                if run.name in self.hooks.failed_elsewhere():
+                    continue
+                try:
+                    outcome = self.attempt(run)
+                except Exception as err:
+                    self.fail(run, err)
+                    progressed = True
+                    continue
+                if outcome == "done":
+                    progressed = True
+                    self.overall.finished(run, completed=True)
+                elif outcome == "complete":
+                    self.elsewhere.append(run.name)
+                    self.hooks.update(elsewhere=self.elsewhere)
+                    self.overall.done_elsewhere(run)
+                    log.info(f"[study {self.study.name}] {run.name} was completed by another worker")
+                else:  # busy, or lost to a new holder: wait for it to finish (or to go silent in turn)
+                    busy.append(run)
+            pending = busy
+            if pending and not progressed:
+                names = [r.name for r in pending]
+                if names != waiting_for:
+                    log.info(f"[study {self.study.name}] {self.wait_note(pending)}")
+                    waiting_for = names
+                self.hooks.update(state="waiting", run=None, waiting=names)
+                self.overall.refresh(f"waiting for {len(pending)} run(s) held elsewhere")
+                time.sleep(min(self.heartbeat_s, WAIT_POLL_S))
+        self.overall.refresh("")
+
+
+def run_study(study: Study, *, progress: bool = True, keep_going: bool = False, shard: tuple[int, int] | None = None,
+              only: list[str] | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Run every planned run (of shard K/N, or named in `only`) that is not complete yet; interrupted ones resume.
+
+    Any number of processes, on any number of machines, may run the same study directory at once: each run is
+    claimed (see `claims`) before it starts, runs claimed elsewhere are waited for, and a claim whose holder died is
+    taken over after TRANSFERBENCH_CLAIM_STALE_S (120 s) and the run resumed from its last checkpoint.
+    Returns the outcome: complete (runs complete now), skipped (complete before), ran, elsewhere, failed, ...
+    """
+    hooks = hooks or Hooks()
+    states = check_existing(study)
+    write_record(study)
+    runs = shard_runs(study.runs, shard)
+    if only is not None:
+        runs = [r for r in runs if r.name in set(only)]
+    where = f" (shard {shard[0]}/{shard[1]}: {len(runs)} of {len(study.runs)} runs)" if shard else ""
+    runner = _Runner(study, runs, states, progress=progress, keep_going=keep_going, hooks=hooks)
+    skipped = [r.name for r in runs if states[r.name] == "complete"]
+    if skipped:
+        log.info(f"study {study.name}{where}: {len(skipped)} of {len(runs)} runs already complete, skipped")
+    try:
+        runner.loop([r for r in runs if states[r.name] != "complete"])
+    finally:
+        runner.overall.close()
+    elapsed = time.perf_counter() - runner.overall.start
+    others = f", {len(runner.elsewhere)} finished by other workers" if runner.elsewhere else ""
+    log.info(f"study {study.name}{where}: {runner.overall.done}/{len(runs)} runs complete ({len(skipped)} skipped, "
+             f"{len(runner.failed)} failed{others}) in {format_duration(elapsed)} -> {study.dir}")
+    selections = summarize(study)
+    return {"complete": runner.overall.done, "skipped": skipped, "ran": runner.ran, "elsewhere": runner.elsewhere,
+            "failed": runner.failed, "elapsed_s": elapsed, "selections": selections}
+
+
+def summarize(study: Study) -> list[str]:
+    """Log the study's selections (on what is complete so far) and where its report comes from."""
+    selections = selection_results(load_runs(study.dir)) if study.dir.is_dir() else []
     for result in selections:
         log.info(result["text"])
     log.info(f"tables and plots: transferbench report {study.dir}")
-    return {"complete": overall.done, "skipped": skipped, "failed": failed, "elapsed_s": elapsed,
-            "selections": [r["text"] for r in selections]}
+    return [r["text"] for r in selections]
 
 
-def plan_lines(study: Study) -> list[str]:
+# ---------------------------------------------------------------------------------- looking at a study
+
+def plan_lines(study: Study, shard: tuple[int, int] | None = None) -> list[str]:
     """One line per planned run with its state and options: what `study --dry-run` prints."""
     states = check_existing(study)
-    counts = {s: sum(v == s for v in states.values()) for s in ("new", "interrupted", "complete")}
-    lines = [f"study {study.name} ({study.path}): {len(study.runs)} runs -> {study.dir}"]
-    width = max((len(r.name) for r in study.runs), default=0)
-    for i, run in enumerate(study.runs, 1):
+    runs = shard_runs(study.runs, shard)
+    counts = {s: sum(states[r.name] == s for r in runs) for s in ("new", "interrupted", "complete")}
+    where = f" (shard {shard[0]}/{shard[1]}: {len(runs)} of {len(study.runs)} runs)" if shard else ""
+    lines = [f"study {study.name} ({study.path}): {len(study.runs)} runs{where} -> {study.dir}"]
+    width = max((len(r.name) for r in runs), default=0)
+    number = {r.name: i for i, r in enumerate(study.runs, 1)}
+    for run in runs:
         state = states[run.name]
         tag = {"complete": "done", "interrupted": f"resume@{run.epochs_done()}", "new": "new"}[state]
         opts = " ".join(f"{k}={_fmt(v)}" for k, v in run.options.items())
-        lines.append(f"{i:>4}  {tag:<10} {run.name:<{width}}  {opts}")
+        lines.append(f"{number[run.name]:>4}  {tag:<10} {run.name:<{width}}  {opts}")
     for ref in study.references:
         lines.append(f"reference: {ref.label}: {ref.value:g}% {ref.metric} ({len(ref.runs)} run(s))"
                      + (f" [{ref.source}]" if ref.source else ""))
@@ -661,4 +903,48 @@ def plan_lines(study: Study) -> list[str]:
     lines.append(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} "
                  f"complete; "
                  f"nothing was run")
+    return lines
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
+def status_lines(study: Study, shard: tuple[int, int] | None = None) -> list[str]:
+    """What `study --status` prints: every run as done, running (where, since when), stale (its holder stopped
+    heartbeating: the next worker takes it over) or pending (new, or interrupted and waiting to be resumed)."""
+    stale_s, _ = claims.intervals()
+    states = check_existing(study)
+    runs = shard_runs(study.runs, shard)
+    where = f" (shard {shard[0]}/{shard[1]}: {len(runs)} of {len(study.runs)} runs)" if shard else ""
+    lines = [f"study {study.name} ({study.path}): {len(study.runs)} runs{where} -> {study.dir}"]
+    width = max((len(r.name) for r in runs), default=0)
+    number = {r.name: i for i, r in enumerate(study.runs, 1)}
+    counts = dict.fromkeys(("done", "running", "stale", "pending"), 0)
+    for run in runs:
+        info = claims.claim_state(run.dir, stale_s)
+        epochs, done = planned_epochs(run), run.epochs_done()
+        progress = f"epoch {done}/{epochs}" if epochs else "no epochs"
+        if states[run.name] == "complete" or run.state() == "complete":
+            tag = "done"
+            try:
+                acc = rundir.read_json(run.dir / rundir.SUMMARY).get("test_acc")
+            except (OSError, ValueError):
+                acc = None
+            detail = f"test_acc {acc:.4f}" if isinstance(acc, (int, float)) else "complete"
+        elif info is not None and not info["stale"]:
+            tag = "running"
+            detail = (f"{progress} on {_holder(info)} since {_clock(info.get('started'))}, heartbeat "
+                      f"{format_duration(info['age_s'])} ago")
+        elif info is not None:
+            tag = "stale"
+            detail = (f"{progress}; {_holder(info)} (since {_clock(info.get('started'))}) sent no heartbeat for "
+                      f"{format_duration(info['age_s'])}: the next worker takes it over and resumes it")
+        else:
+            tag = "pending"
+            detail = f"interrupted, resumes after epoch {done}/{epochs}" if run.state() == "interrupted" else "new"
+        counts[tag] += 1
+        lines.append(f"{number[run.name]:>4}  {tag:<8} {run.name:<{width}}  {detail}")
+    lines.append(", ".join(f"{n} {tag}" for tag, n in counts.items())
+                 + f" (a claim is stale after {format_duration(stale_s)} without heartbeat)")
     return lines
