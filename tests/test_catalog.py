@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_cifar
+from conftest import run_cli, write_cifar
 from transferbench import UserError, catalog
 from transferbench.catalog import CATALOG, DerivedSplit, derived_split, describe, load_catalog, present
-from transferbench.images import ImageSet
+from transferbench.data import check_dataset, load_dataset, make_splits
+from transferbench.images import DiskImages, ImageSet, as_tensor
 
 STORAGE = 8  # mixed-size datasets come out at this size; tiny keeps the tests fast
 SIZES = [(12, 10), (9, 14), (16, 16), (10, 8)]  # (w, h) cycled through for the mixed-size fakes
@@ -537,3 +538,98 @@ def test_download_constants_kept_here_are_still_torchvisions():
                            (datasets.GTSRB, (catalog.GTSRB_BASE_URL,) + sum(catalog.GTSRB_DOWNLOADS, ()))):
         source = inspect.getsource(cls)
         assert all(c in source for c in constants), cls.__name__
+
+
+# ------------------------------------------------------------------------ wired into --dataset NAME
+
+def test_load_dataset_uses_the_official_validation_split_the_metric_and_a_cached_store(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    fake_dtd(data_dir, monkeypatch)
+    offline(monkeypatch)
+    data = load_dataset("dtd", str(data_dir), storage_size=STORAGE, workers=2)
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 9) and data.metric == "top1"
+    assert data.test_files is None and isinstance(data.train.images, DiskImages)
+    assert Path(data.store).parent == tmp_path / "cache" / "decoded" and Path(data.store).is_file()
+    splits = make_splits(data, val_fraction=0.5, train_subset=None, seed=0)
+    assert torch.equal(as_tensor(splits.val.images), as_tensor(data.val.images)) and len(splits.train) == 6
+    check_colours(ImageSet(as_tensor(data.test.images), data.test.labels, data.test.classes))
+    in_memory = load_catalog("dtd", data_dir, storage_size=STORAGE, progress=False)
+    assert all(torch.equal(as_tensor(getattr(data, k).images), in_memory[k].images) for k in in_memory)
+
+    real_make = catalog._make
+    monkeypatch.setattr(catalog, "_make", lambda *a, **k: pytest.fail("decoded again although the files are the same"))
+    again = load_dataset("dtd", str(data_dir), storage_size=STORAGE, workers=2)
+    assert again.store == data.store and torch.equal(as_tensor(again.val.images), as_tensor(data.val.images))
+    monkeypatch.setattr(catalog, "_make", real_make)
+    image = next((data_dir / "dtd" / "dtd" / "images" / "banded").iterdir())
+    Image.new("RGB", (9, 9), (0, 0, 255)).save(image)  # one file changed: a new store
+    changed = load_dataset("dtd", str(data_dir), storage_size=STORAGE, workers=2)
+    assert changed.store != data.store and len(list((tmp_path / "cache" / "decoded").glob("*.store"))) == 2
+
+
+def test_load_dataset_sets_the_literatures_metric(tmp_path, monkeypatch):
+    fake_oxford_pets(tmp_path / "data", monkeypatch)
+    data = load_dataset("oxford_pets", str(tmp_path / "data"), storage_size=STORAGE)
+    assert data.metric == "mean_per_class_acc" and data.val is None and len(data.test) == 3
+
+
+def test_derived_splits_come_out_of_the_store_the_same_and_unused_images_are_never_decoded(tmp_path, monkeypatch):
+    fake_caltech101(tmp_path / "data", monkeypatch)
+    a = load_dataset("caltech101", str(tmp_path / "data"), storage_size=STORAGE)
+    b = load_dataset("caltech101", str(tmp_path / "data"), storage_size=STORAGE)  # from the store
+    assert torch.bincount(a.train.labels).tolist() == [2, 2, 2] and torch.equal(a.test.labels, b.test.labels)
+    assert torch.equal(as_tensor(a.train.images), as_tensor(b.train.images))
+    fake_sun397(tmp_path / "sun", monkeypatch)
+    sun = load_dataset("sun397", str(tmp_path / "sun"), storage_size=STORAGE)
+    assert (len(sun.train), len(sun.test)) == (6, 6) and sun.train.images.store.shape[0] == 12  # of 15 files
+
+
+def test_unknown_catalog_name_is_refused_before_anything_runs():
+    with pytest.raises(UserError, match="unknown dataset 'oxford_pet'.*transferbench datasets.*Did you mean: "
+                                        "oxford_pets"):
+        check_dataset("oxford_pet")
+
+
+def test_a_corrupt_archive_is_named_and_never_extracted(tmp_path, monkeypatch):
+    archive = tmp_path / catalog._layout(CATALOG["dtd"]).downloads[0].path
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"half a download")
+    offline(monkeypatch)
+    from torchvision.datasets import DTD
+
+    with pytest.raises(UserError, match=rf"{archive} is corrupt \(md5 {md5(archive)}, expected {DTD._MD5}\)"):
+        load_dataset("dtd", str(tmp_path), storage_size=STORAGE)
+    assert sorted(p.name for p in archive.parent.iterdir()) == [archive.name]
+
+
+def test_progress_bars_cover_decoding_checksums_and_extraction(tmp_path, monkeypatch, capsys):
+    import tarfile
+
+    from torchvision.datasets import DTD
+
+    fake_dtd(tmp_path / "staging", monkeypatch)
+    archive = tmp_path / "data" / catalog._layout(CATALOG["dtd"]).downloads[0].path
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "staging" / "dtd" / "dtd", arcname="dtd")
+    monkeypatch.setattr(DTD, "_MD5", md5(archive))
+    offline(monkeypatch)
+    load_dataset("dtd", str(tmp_path / "data"), storage_size=STORAGE, progress=True)
+    err = capsys.readouterr().err
+    assert "checksum dtd-r1.0.1.tar.gz" in err and "extracting dtd-r1.0.1.tar.gz" in err and "decoding dtd" in err
+    load_dataset("dtd", str(tmp_path / "data"), storage_size=STORAGE + 1)  # another size: decoded again
+    assert capsys.readouterr().err == ""  # progress off (the default of load_dataset)
+
+
+def test_datasets_command_lists_the_catalog_and_what_is_present(tmp_path, monkeypatch, capsys):
+    fake_dtd(tmp_path, monkeypatch)
+    code, out, _ = run_cli(["datasets", "--data-dir", str(tmp_path)], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line and line.split()[0] in CATALOG}
+    assert set(lines) == set(CATALOG)
+    assert lines["dtd"][1:8] == ["47", "1,880", "1,880", "1,880", "top1", "yes", CATALOG["dtd"].url]
+    assert lines["oxford_pets"][3] == "-" and lines["oxford_pets"][5:7] == ["mean_per_class_acc", "no"]
+    assert f"1 of {len(CATALOG)} present in {tmp_path}" in out
+    code, out, _ = run_cli(["datasets", "--data-dir", str(tmp_path), "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {r["name"] for r in rows if r["present"]} == {"dtd"} and all(r["url"].startswith("http") for r in rows)

@@ -3,23 +3,28 @@
 This module owns the catalog: which datasets there are (CATALOG), how many classes and images each split has
 as published, which split serves as validation, which metric the literature reports (Kornblith et al. 2019:
 mean per-class accuracy for Pets, Flowers-102, FGVC Aircraft and Caltech-101, top-1 elsewhere), where
-torchvision expects each dataset's files under a data directory, and turning a dataset into in-memory
-uint8 ImageSets.
+torchvision expects each dataset's files under a data directory, and turning a dataset into uint8 ImageSets:
+in memory, or streamed into a decoded store on disk (`cache`) that later loads open without decoding.
 
 torchvision's own dataset classes do the downloading, the checksums and the parsing of every format; this
 module asks them for (image, label) pairs, with a `loader` that returns the path where the class takes one,
-so that decoding happens here, once, on a thread pool (image_array: grayscale/16-bit/EXIF to upright RGB).
-Two exceptions, both documented where they happen: PCam's HDF5 arrays are read in blocks (torchvision opens
-the files once per image), and Caltech-101's BACKGROUND_Google folder, which torchvision drops, is listed
-here. Three datasets come without a split and get a documented, seeded one: see the *_PROTOCOL texts.
+so that decoding happens here, once, on a thread pool (image_array: grayscale/16-bit/EXIF to upright RGB),
+image by image into the store. Two exceptions, both documented where they happen: PCam's HDF5 arrays are read
+in blocks (torchvision opens the files once per image), and Caltech-101's BACKGROUND_Google folder, which
+torchvision drops, is listed here. Three datasets come without a split and get a documented, seeded one: see
+the *_PROTOCOL texts (SUN397's is drawn before decoding, so the images it leaves out are never decoded).
+Downloads, md5 checks and archive extraction (torchvision's) show progress bars (see torchvision_progress).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import sys
 import tarfile
+import threading
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,7 +34,8 @@ import numpy as np
 import torch
 
 from .errors import UserError, did_you_mean
-from .images import ImageSet, image_array
+from .images import ImageSet, StoreWriter, image_array, open_store, ordered_map, progress_bar, store_path
+from .rundir import writable_dir
 
 TOP1 = "top1"
 MEAN_PER_CLASS = "mean_per_class_acc"
@@ -392,36 +398,171 @@ def _module_available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def load_catalog(name: str, root: Path, *, storage_size: int, download: bool = True, progress: bool = True,
-                 workers: int = 4) -> dict[str, ImageSet]:
-    """The dataset's official splits as uint8 ImageSets: "train", "test", and "val" when the entry has_val.
-
-    Images that all share one size (entry.native_size) keep it; mixed sizes are brought to storage_size
-    (shorter side, then centre crop). Files are downloaded by torchvision when missing and download is on;
-    when they are there nothing touches the network.
-    """
+def ensure(name: str, root: Path, *, download: bool = True, progress: bool = True) -> None:
+    """Make the dataset's files present under root, as torchvision expects them: downloaded, md5-checked and
+    extracted by torchvision's own code (with progress bars) when missing and download is on. A download
+    already at its path with the wrong md5 is named and never extracted. Files that are there are left alone."""
     entry = get_entry(name)
     root = Path(root).expanduser()
-    if not isinstance(storage_size, int) or storage_size < 1:
-        raise UserError(f"storage size must be a positive number of pixels, not {storage_size!r}")
     there = present(name, root)
     if not there and not (download and entry.downloadable):
         raise UserError(_missing_message(entry, root, None))
     for module in entry.requires:  # before a download: torchvision would fetch the files, then fail to read them
         if not _module_available(module):
             raise UserError(f"{entry.title} needs the '{module}' package to read its files: pip install {module}")
-    size = entry.native_size or storage_size
+    if there:
+        return
+    _check_downloads(entry, root, progress)
+    size = entry.native_size or 8
     try:
-        objects = {key: _make(entry, root, key, download=not there, size=size) for key, _ in entry.splits}
+        with torchvision_progress(progress, entry.name):
+            for key, _ in entry.splits:
+                _make(entry, root, key, download=True, size=size)
     except READ_ERRORS as err:
         if not present(name, root):
             raise UserError(_missing_message(entry, root, err)) from None
         raise UserError(_corrupt_message(entry, root, err)) from None
+
+
+def _check_downloads(entry: Entry, root: Path, progress: bool) -> None:
+    """An archive put where torchvision looks for it is used offline; one with the wrong md5 would be downloaded
+    again (offline: an unhelpful failure) or, by some classes, extracted as is. Name it instead."""
+    layout = _layout(entry)
+    if not layout.as_downloaded:
+        return
+    for d in layout.downloads:
+        path = root / d.path
+        if d.md5 and path.is_file():
+            actual = file_md5(path, progress)
+            if actual != d.md5:
+                raise UserError(f"{path} is corrupt (md5 {actual}, expected {d.md5}): delete it and run again to "
+                                f"download it afresh, or replace it with the file from {d.url}")
+
+
+def file_md5(path: Path, progress: bool = False) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f, progress_bar(os.fstat(f.fileno()).st_size, f"checksum {Path(path).name}", progress,
+                                             unit="B", unit_scale=True) as bar:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def torchvision_progress(progress: bool, name: str):
+    """Progress bars for what torchvision does on its own: its download bar (which it always shows, on stderr)
+    follows `progress`, and its md5 checks and archive extractions, which have none, get one. Done by swapping
+    torchvision.datasets.utils' module-level helpers for the duration of the call, then restoring them."""
+    import torchvision.datasets.utils as tvu
+    from tqdm import tqdm
+
+    def download_bar(*args, **kwargs):
+        kwargs.setdefault("desc", f"downloading {name}")
+        return tqdm(*args, disable=not progress, file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
+
+    def md5(fpath, chunk_size: int = 1 << 20) -> str:
+        return file_md5(Path(fpath), progress)
+
+    def extract_tar(from_path, to_path, compression) -> None:
+        with open(from_path, "rb") as raw, progress_bar(os.fstat(raw.fileno()).st_size,
+                                                        f"extracting {Path(from_path).name}", progress, unit="B",
+                                                        unit_scale=True) as bar:
+            with tarfile.open(fileobj=raw, mode=f"r|{compression[1:]}" if compression else "r|") as tar:
+                for member in tar:
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extract(member, to_path, filter="data")
+                    else:  # Python < 3.11.4: what torchvision itself does
+                        tar.extract(member, to_path)
+                    bar.update(raw.tell() - bar.n)
+
+    def extract_zip(from_path, to_path, compression) -> None:
+        with zipfile.ZipFile(from_path) as archive:
+            members = archive.infolist()
+            with progress_bar(sum(m.compress_size for m in members), f"extracting {Path(from_path).name}", progress,
+                              unit="B", unit_scale=True) as bar:
+                for member in members:
+                    archive.extract(member, to_path)
+                    bar.update(member.compress_size)
+
+    with _PATCH_LOCK:
+        saved = tvu.tqdm, tvu.calculate_md5, dict(tvu._ARCHIVE_EXTRACTORS)
+        tvu.tqdm, tvu.calculate_md5 = download_bar, md5
+        tvu._ARCHIVE_EXTRACTORS.update({".tar": extract_tar, ".zip": extract_zip})
+        try:
+            yield
+        finally:
+            tvu.tqdm, tvu.calculate_md5 = saved[0], saved[1]
+            tvu._ARCHIVE_EXTRACTORS.clear()
+            tvu._ARCHIVE_EXTRACTORS.update(saved[2])
+
+
+def listing(name: str, root: Path) -> bytes:
+    """What fixes the dataset's files without reading them: every file under the folders (or the files)
+    torchvision reads, with its size and modification time."""
+    entry = get_entry(name)
+    root = Path(root).expanduser()
+    lines = []
+    for top in sorted({Path(p).parts[0] for p in _layout(entry).expected}):
+        path = root / top
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            lines.append(f"{f.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n")
+    return "".join(lines).encode()
+
+
+def load_catalog(name: str, root: Path, *, storage_size: int, download: bool = True, progress: bool = True,
+                 workers: int = 4, cache: Path | None = None) -> dict[str, ImageSet]:
+    """The dataset's official splits as uint8 ImageSets: "train", "test", and "val" when the entry has_val.
+
+    Images that all share one size (entry.native_size) keep it; mixed sizes are brought to storage_size
+    (shorter side, then centre crop). Files are downloaded by torchvision when missing and download is on;
+    when they are there nothing touches the network.
+
+    Without `cache` the images are decoded into memory. With it (a directory), they are streamed into a store
+    file there, keyed by the dataset, its entry, the storage size and the listing of its files, and read back
+    batch by batch (images.DiskImages); a later call with the same files opens that store without decoding.
+    """
+    entry = get_entry(name)
+    root = Path(root).expanduser()
+    if not isinstance(storage_size, int) or storage_size < 1:
+        raise UserError(f"storage size must be a positive number of pixels, not {storage_size!r}")
+    size = entry.native_size or storage_size
+
+    def cached() -> Path:
+        return store_path(Path(cache), ("catalog-v1", entry, root.resolve(), size), listing(name, root))
+
+    if cache is not None and present(name, root) and (path := cached()).is_file():
+        store = open_store(path)
+        if store is not None:  # decoded before from the same files: torchvision is not even asked
+            return _finished(entry, root, store.split_sets())
+    ensure(name, root, download=download, progress=progress)
+    path = None
+    if cache is not None:
+        path = cached()  # the files as they are now (perhaps just downloaded)
+        writable_dir(path.parent, "the cache directory (TRANSFERBENCH_CACHE)")
     try:
-        sets = _LOADERS[entry.fmt](entry, root, objects, size, progress, workers)
+        with torchvision_progress(progress, entry.name):
+            objects = {key: _make(entry, root, key, download=False, size=size) for key, _ in entry.splits}
+            parts = _LOADERS[entry.fmt](entry, root, objects, size, progress, workers)
+            with StoreWriter(path, sum(p.n for p in parts.values()), (3, size, size), {"dataset": name}) as writer:
+                for key, part in parts.items():
+                    writer.begin(key, part.classes)
+                    part.fill(writer)
+                sets = writer.finish()
     except READ_ERRORS as err:
+        if not present(name, root):
+            raise UserError(_missing_message(entry, root, err)) from None
         raise UserError(_corrupt_message(entry, root, err)) from None
-    if entry.derived is not None:
+    return _finished(entry, root, sets)
+
+
+def _finished(entry: Entry, root: Path, sets: dict[str, ImageSet]) -> dict[str, ImageSet]:
+    if "all" in sets:  # a dataset without an official split, stored whole: split here, rows only
         sets = _apply_derived(entry, sets.pop("all"), root)
     return _checked(entry, root, sets)
 
@@ -456,9 +597,18 @@ def _checked(entry: Entry, root: Path, sets: dict[str, ImageSet]) -> dict[str, I
     return sets
 
 
+@dataclass
+class _Part:
+    """One split before it is read: how many images, its classes, and how to stream them into a StoreWriter."""
+
+    n: int
+    classes: list[str]
+    fill: Callable[[StoreWriter], None]
+
+
 # Array formats: torchvision has read the whole split into memory already.
 
-def _arrays(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, ImageSet]:
+def _arrays(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, _Part]:
     out = {}
     for key, ds in objects.items():
         if entry.fmt == "cifar":  # (N, H, W, 3)
@@ -469,32 +619,42 @@ def _arrays(entry: Entry, root: Path, objects: dict, size: int, progress: bool, 
             images, labels, classes = torch.from_numpy(ds.data), ds.labels, SVHN_CLASSES
         else:  # stl10: (N, 3, H, W); class_names.txt is in the release, read only if present
             images, labels, classes = torch.from_numpy(ds.data), ds.labels, getattr(ds, "classes", STL10_CLASSES)
-        out[key] = ImageSet(images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.long), list(classes))
+        labels = np.asarray(labels, dtype=np.int64)
+
+        def fill(writer: StoreWriter, images=images, labels=labels) -> None:
+            for start in range(0, len(images), 4096):
+                writer.add(images[start:start + 4096].contiguous(), labels[start:start + 4096])
+
+        out[key] = _Part(len(images), list(classes), fill)
     return out
 
 
-def _pcam(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, ImageSet]:
+def _pcam(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, _Part]:
     """torchvision's PCAM opens both HDF5 files for every single image (262,144 in train); read them in
-    blocks instead, from the files and keys its class names."""
+    blocks instead, from the files and keys its class names, straight into the store."""
     import h5py
-    from tqdm import tqdm
 
     cls = _tv_class(entry)
     out = {}
     for key in objects:
         files = cls._FILES[entry.split_args(key)["split"]]
-        folder = root / "pcam"
-        with h5py.File(folder / files["images"][0], "r") as fx, h5py.File(folder / files["targets"][0], "r") as fy:
+        x_path, y_path = root / "pcam" / files["images"][0], root / "pcam" / files["targets"][0]
+        with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
             x, y = fx["x"], fy["y"]
             if x.ndim != 4 or x.shape[3] != 3 or x.dtype != np.uint8 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"unexpected HDF5 contents: x {x.shape} {x.dtype}, y {y.shape}")
-            n, block = x.shape[0], 4096
-            images = torch.empty((n, 3, x.shape[1], x.shape[2]), dtype=torch.uint8)
-            for start in tqdm(range(0, n, block), desc=f"reading {entry.name} {key}", leave=False, file=sys.stderr,
-                              disable=not progress):
-                images[start:start + block] = torch.from_numpy(x[start:start + block]).permute(0, 3, 1, 2)
-            labels = torch.from_numpy(np.asarray(y[:]).reshape(n).astype(np.int64))
-        out[key] = ImageSet(images, labels, list(PCAM_CLASSES))
+            n = x.shape[0]
+
+        def fill(writer: StoreWriter, key=key, x_path=x_path, y_path=y_path, n=n) -> None:
+            with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
+                x, labels = fx["x"], np.asarray(fy["y"][:]).reshape(n).astype(np.int64)
+                with progress_bar(n, f"reading {entry.name} {key}", progress) as bar:
+                    for start in range(0, n, 4096):
+                        block = np.ascontiguousarray(np.asarray(x[start:start + 4096]).transpose(0, 3, 1, 2))
+                        writer.add(block, labels[start:start + 4096])
+                        bar.update(len(block))
+
+        out[key] = _Part(n, list(PCAM_CLASSES), fill)
     return out
 
 
@@ -533,52 +693,51 @@ def _decode_item(ds, index: int, remap: list[int] | None) -> tuple[np.ndarray, i
     return array, (remap[label] if remap is not None else int(label))
 
 
-def _decode_all(jobs: list[Callable[[], tuple[np.ndarray, int]]], size: int, desc: str, progress: bool,
-                workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from tqdm import tqdm
-
-    images = torch.empty((len(jobs), 3, size, size), dtype=torch.uint8)  # filled in place: no second copy
-    labels = torch.empty(len(jobs), dtype=torch.long)
-    # Copy through numpy: PIL's arrays are read-only, which torch.from_numpy warns about.
-    images_np, labels_np = images.numpy(), labels.numpy()
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        with tqdm(total=len(jobs), desc=desc, unit="img", leave=False, file=sys.stderr, disable=not progress) as bar:
-            for i, (array, label) in enumerate(pool.map(lambda job: job(), jobs)):
-                images_np[i] = array.transpose(2, 0, 1)
-                labels_np[i] = label
+def _decoded(jobs: list[Callable[[], tuple[np.ndarray, int]]], classes: list[str], desc: str, progress: bool,
+             workers: int) -> _Part:
+    """A split whose images are decoded on a thread pool as they are written: never all in memory."""
+    def fill(writer: StoreWriter) -> None:
+        with progress_bar(len(jobs), desc, progress) as bar:
+            for array, label in ordered_map(lambda job: job(), jobs, workers):
+                writer.add_hwc(array, label)
                 bar.update()
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # a bad file: do not decode the 100,000 queued behind it
-        raise
-    pool.shutdown()
-    return images, labels
+
+    return _Part(len(jobs), list(classes), fill)
 
 
-def _files(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, ImageSet]:
+def _files(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, _Part]:
     out = {}
     for key, ds in objects.items():
         items = [ds[i] for i in range(len(ds))]  # (path, label): the loader returns the path
         if entry.derived is not None:
-            items.sort(key=lambda item: str(item[0]))  # SUN397 lists files in rglob order, which is the filesystem's
+            # SUN397 lists files in rglob order, which is the filesystem's: sort them. Then draw the split on the
+            # labels, before decoding, so that images the protocol leaves out are never decoded.
+            items.sort(key=lambda item: str(item[0]))
+            if not items:
+                raise UserError(f"{entry.title} in {root} has no images; delete the dataset's folder and download "
+                                f"it again")
+            labels = np.asarray([int(label) for _, label in items])
+            picked = derived_split(labels, entry.derived, list(ds.classes), f"{entry.title} in {root}")
+            for split, index in zip(("train", "test"), picked):
+                jobs = [partial(_decode_path, Path(items[i][0]), int(items[i][1]), size) for i in index]
+                out[split] = _decoded(jobs, list(ds.classes), f"decoding {entry.name} {split}", progress, workers)
+            continue
         jobs = [partial(_decode_path, Path(p), int(label), size) for p, label in items]
-        images, labels = _decode_all(jobs, size, f"decoding {entry.name} {key}", progress, workers)
-        out[key] = ImageSet(images, labels, list(ds.classes))
+        out[key] = _decoded(jobs, list(ds.classes), f"decoding {entry.name} {key}", progress, workers)
     return out
 
 
-def _items(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, ImageSet]:
+def _items(entry: Entry, root: Path, objects: dict, size: int, progress: bool, workers: int) -> dict[str, _Part]:
     out = {}
     for key, ds in objects.items():
         jobs = [partial(_decode_item, ds, i, None) for i in range(len(ds))]
-        images, labels = _decode_all(jobs, size, f"decoding {entry.name} {key}", progress, workers)
         classes = GTSRB_CLASSES if entry.name == "gtsrb" else ds.classes  # GTSRB has only numbered folders
-        out[key] = ImageSet(images, labels, list(classes))
+        out[key] = _decoded(jobs, list(classes), f"decoding {entry.name} {key}", progress, workers)
     return out
 
 
 def _caltech101(entry: Entry, root: Path, objects: dict, size: int, progress: bool,
-                workers: int) -> dict[str, ImageSet]:
+                workers: int) -> dict[str, _Part]:
     """torchvision's 101 categories, plus BACKGROUND_Google (which it drops) as a class in sorted order."""
     ds = objects["all"]
     background = Path(ds.root) / "101_ObjectCategories" / CALTECH101_BACKGROUND
@@ -587,8 +746,7 @@ def _caltech101(entry: Entry, root: Path, objects: dict, size: int, progress: bo
     jobs: list[Callable] = [partial(_decode_item, ds, i, remap) for i in range(len(ds))]
     label = classes.index(CALTECH101_BACKGROUND)
     jobs += [partial(_decode_path, p, label, size) for p in sorted(background.glob("*.jpg"))]
-    images, labels = _decode_all(jobs, size, f"decoding {entry.name}", progress, workers)
-    return {"all": ImageSet(images, labels, classes)}
+    return {"all": _decoded(jobs, classes, f"decoding {entry.name}", progress, workers)}
 
 
 def _apply_derived(entry: Entry, full: ImageSet, root: Path) -> dict[str, ImageSet]:
@@ -621,7 +779,7 @@ def derived_split(labels: np.ndarray, spec: DerivedSplit, classes: list[str],
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-_LOADERS: dict[str, Callable[..., dict[str, ImageSet]]] = {
+_LOADERS: dict[str, Callable[..., dict[str, _Part]]] = {
     "cifar": _arrays, "mnist": _arrays, "svhn": _arrays, "stl10": _arrays, "pcam": _pcam,
     "files": _files, "items": _items, "caltech101": _caltech101,
 }

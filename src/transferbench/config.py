@@ -76,7 +76,13 @@ class DatasetSpec:
     def canonical(self) -> str:
         """As config.json records it: user data by absolute path, so a run read from any directory names
         the same data."""
-        return self.name if self.kind == "catalog" else f"{self.kind}:{self.path.resolve()}"
+        if self.kind == "catalog" or (self.kind == "hf" and not self.is_local()):
+            return f"hf:{self.name}" if self.kind == "hf" else self.name  # a hub name stays a name
+        return f"{self.kind}:{self.path.resolve()}"
+
+    def is_local(self) -> bool:
+        """User data on this machine (folder:, csv:, or hf: naming a local dataset), not a name."""
+        return self.kind in ("folder", "csv") or (self.kind == "hf" and self.path.exists())
 
     def short_name(self) -> str:
         """For run names and reports: the catalog name, or the data's own directory or file name."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import rundir
+from . import images, rundir
 from .config import RunConfig, cache_dir
 from .data import Batches, Splits
 from .errors import UserError
@@ -55,7 +55,7 @@ def feature_key(bundle: ModelBundle, prep: Preprocess, model_name: str, split: I
         if not name.startswith(head):
             h.update(name.encode())
             _update(h, tensor)
-    _update(h, split.images)
+    images.update_hash(h, split.images)  # digest as _update's, without reading a disk-backed split into memory
     _update(h, split.labels)
     return h.hexdigest()[:32]
 

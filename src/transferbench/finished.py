@@ -49,12 +49,14 @@ class FinishedRun:
         """The run's data, from `data_dir` if it moved: the CIFAR directory, or the image folder
         of a `folder:` dataset. Refused if its classes are no longer the ones the run learned."""
         spec = DatasetSpec.parse(self.cfg.dataset)
-        if spec.kind != "catalog" and not data_dir and not spec.path.exists():
+        if spec.kind in ("folder", "csv") and not data_dir and not spec.path.exists():
             raise UserError(f"the data this run was trained on is no longer at {spec.path}; if it moved, pass "
                             f"--data-dir NEW_PATH (the {spec.kind} it is now)")
         dataset = spec.moved_to(data_dir).canonical() if data_dir else self.cfg.dataset
-        data = load_dataset(dataset, data_dir or self.cfg.data_dir, storage_size=self.image_size,
-                            workers=self.cfg.workers)
+        cfg = self.cfg
+        data = load_dataset(dataset, data_dir or cfg.data_dir, storage_size=self.image_size, workers=cfg.workers,
+                            test_fraction=cfg.test_fraction, seed=cfg.seed, image_column=cfg.image_column,
+                            label_column=cfg.label_column)
         if list(data.classes) != self.classes:
             raise UserError(f"{dataset} now has classes {data.classes}, the run was trained on {self.classes}")
         return data

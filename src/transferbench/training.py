@@ -268,7 +268,10 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
 
     torch.manual_seed(cfg.seed)
     reset_peak_memory(device)
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers,
+                           progress=progress and distributed.is_main(), test_fraction=cfg.test_fraction, seed=cfg.seed,
+                           image_column=cfg.image_column, label_column=cfg.label_column)
+    log.info(dataset.describe_store())
     splits = make_splits(dataset, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
                          shots=cfg.shots)
     if cfg.refit:  # the chosen configuration retrained on everything but the test split; nothing left to select on
