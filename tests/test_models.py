@@ -69,7 +69,7 @@ def test_weights_that_do_not_fit_name_the_offending_keys(tmp_path):
     msg = str(info.value)
     assert "layer4.1.bn2.weight" in msg and "extra.weight" in msg and "conv1.weight" in msg
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="cannot be read"):
+    with pytest.raises(UserError, match="is a text file, not PyTorch weights"):
         create_model("resnet18", 5, weights=tmp_path / "junk.pth")
 
 

@@ -103,10 +103,10 @@ def canonical_dataset(text: str) -> str:
 
 @dataclass
 class RunConfig:
-    dataset: str = option("cifar10", "cifar10, cifar100, or folder:PATH with PATH/train/<class>/* and "
-                                     "PATH/test/<class>/*")
-    data_dir: str | None = option(None, "where CIFAR pickles live / are downloaded (default $TRANSFERBENCH_DATA or "
-                                        "~/.cache/transferbench/data)", neutral=True)
+    dataset: str = option("cifar10", "a catalog name (transferbench datasets), folder:PATH (train/ and test/ of "
+                                     "class folders, or class folders only), csv:FILE or hf:NAME[:CONFIG]")
+    data_dir: str | None = option(None, "where catalog datasets live / are downloaded (default $TRANSFERBENCH_DATA "
+                                        "or ~/.cache/transferbench/data)", neutral=True)
     model: str = option("resnet50", "simple_cnn, a torchvision or timm model name; tv:NAME / timm:NAME force one "
                                     "library")
     pretrained: bool | None = option(None, "load ImageNet weights the library's standard way (download + cache); "
@@ -159,7 +159,7 @@ class RunConfig:
     label_column: str | None = option(None, "hf: datasets: the label column (default: the one ClassLabel feature)")
     seed: int = option(0)
     device: str = option("auto", neutral=True, choices=DEVICES)
-    workers: int = option(4, "threads for decoding image folders", neutral=True, short=("-j",))
+    workers: int = option(4, "threads for decoding images", neutral=True, short=("-j",))
     amp: bool | None = option(None, "mixed precision (CUDA only; never on CPU)")
     channels_last: bool = option(True, neutral=True)
     compile: bool = option(False, "torch.compile the model (rebuilt at each phase boundary)", neutral=True)
