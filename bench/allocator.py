@@ -1,14 +1,20 @@
-"""The host allocator setting `transferbench run` applies on CPU (training.tune_host_allocator), measured:
-the same EfficientNet-Lite0 `full` training step in two fresh processes, glibc's default allocator vs
-tuned, reporting images/s, kernel (sys) CPU time and resident peak of each.
+"""The host allocator setting `transferbench run` applies on CPU (transferbench.host.tune_host_allocator), measured:
+the same EfficientNet-Lite0 `full` training step (channels_last, float32, AdamW, random inputs) in fresh processes,
+glibc's default allocator vs tuned, reporting images/s, kernel (sys) CPU time and resident peak of each.
 
-    python bench/allocator.py           # batch 64 at 128 px, then batch 256 at 160 px
-    python bench/allocator.py --quick   # batch 32 at 96 px, under 2 minutes on 2 cores
+Each configuration runs --repeats processes each way, alternating (default, tuned, tuned, default, ...), after
+one untimed throwaway process (so the first timed one does not pay for cold file caches). Each process times
+its steps after two warm-up steps. Reported: median and min-max of each way, and the median (min-max) of the
+per-repeat ratio tuned / default.
+
+    python bench/allocator.py           # batch 64 at 128 px (6 steps), then batch 256 at 160 px (4 steps)
+    python bench/allocator.py --quick   # batch 32 at 96 px (5 steps): a few minutes on 2 loaded cores
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,21 +56,40 @@ def measure(tuned: bool, batch: int, size: int, steps: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def spread(xs: list[float]) -> tuple[float, float, float]:
+    return statistics.median(xs), min(xs), max(xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    configs = [(32, 96, 3)] if args.quick else [(64, 128, 6), (256, 160, 4)]
-    result = {}
+    configs = [(32, 96, 5)] if args.quick else [(64, 128, 6), (256, 160, 4)]
+    measure(False, configs[0][0], configs[0][1], 1)  # throwaway: file caches, first imports
+    result = {"repeats": args.repeats, "configs": []}
     for batch, size, steps in configs:
-        base, ours = measure(False, batch, size, steps), measure(True, batch, size, steps)
-        for name, r in (("default", base), ("tuned", ours)):
-            print(f"batch {batch:3d} @ {size} px, {name:7s} allocator: {r['img_s']:6.1f} img/s, "
-                  f"user {r['user_s']:5.1f} s, sys {r['sys_s']:5.1f} s, peak RSS {r['peak_mb']:6.0f} MB")
-        result = {"baseline_img_s": round(base["img_s"], 2), "ours_img_s": round(ours["img_s"], 2),
-                  "speedup": round(ours["img_s"] / base["img_s"], 3), "baseline_peak_mb": round(base["peak_mb"]),
-                  "ours_peak_mb": round(ours["peak_mb"]), "batch_size": batch, "image_size": size}
-    finish(result)  # the last (largest) configuration
+        runs = {"default": [], "tuned": []}
+        for r in range(args.repeats):
+            for way in (("default", "tuned") if r % 2 == 0 else ("tuned", "default")):
+                runs[way].append(measure(way == "tuned", batch, size, steps))
+        ratios = [t["img_s"] / d["img_s"] for d, t in zip(runs["default"], runs["tuned"])]
+        print(f"batch {batch} @ {size} px, {steps} timed steps per process, {args.repeats} processes each way")
+        row = {"batch_size": batch, "image_size": size}
+        for way, key in (("default", "baseline"), ("tuned", "ours")):
+            img_s, user_s, sys_s, peak = (spread([x[k] for x in runs[way]])
+                                          for k in ("img_s", "user_s", "sys_s", "peak_mb"))
+            print(f"  {way:7s} allocator: {img_s[0]:6.1f} img/s (min-max {img_s[1]:.1f}-{img_s[2]:.1f}), "
+                  f"user {user_s[0]:5.1f} s, sys {sys_s[0]:5.1f} s ({sys_s[1]:.1f}-{sys_s[2]:.1f}) over the timed "
+                  f"steps, peak RSS {peak[0]:6.0f} MB ({peak[1]:.0f}-{peak[2]:.0f})")
+            row.update({f"{key}_img_s": round(img_s[0], 2), f"{key}_img_s_min_max": [round(img_s[1], 2),
+                        round(img_s[2], 2)], f"{key}_user_s": round(user_s[0], 2), f"{key}_sys_s": round(sys_s[0], 2),
+                        f"{key}_peak_mb": round(peak[0])})
+        m, lo, hi = spread(ratios)
+        print(f"  tuned / default, per repeat: median {m:.2f}x (min-max {lo:.2f}-{hi:.2f}x)")
+        row.update(speedup=round(m, 3), speedup_min_max=[round(lo, 3), round(hi, 3)])
+        result["configs"].append(row)
+    finish({**result["configs"][-1], **result})  # top-level keys: the last (largest) configuration
 
 
 if __name__ == "__main__":
