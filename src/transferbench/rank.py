@@ -37,8 +37,9 @@ from .data import Splits, check_dataset, concat, load_dataset, make_splits
 from .errors import UserError, did_you_mean
 from .features import cached_features, feature_key
 from .host import pick_device, versions
-from .models import check_input_size, create_model, data_config
+from .models import data_config
 from .preprocess import Preprocess
+from .training import build_model
 from .transferability import ESTIMATORS, score
 
 log = logging.getLogger(__name__)
@@ -335,12 +336,7 @@ def _score_model(row: RankRow, cfg: RunConfig, preprocessing, splits: Splits, de
     t0 = time.perf_counter()
     try:
         torch.manual_seed(cfg.seed)  # as a run seeds before building: a randomly initialised backbone is the same
-        bundle = create_model(cfg.model, len(splits.classes), pretrained=bool(cfg.pretrained), weights=cfg.weights,
-                              image_size=cfg.image_size, drop_path=cfg.drop_path)
-        bundle.model.to(device)
-        check_input_size(bundle, cfg.image_size, device)
-        if cfg.channels_last:
-            bundle.model.to(memory_format=torch.channels_last)
+        bundle = build_model(cfg, len(splits.classes), device)
     except Exception as err:
         _fail(row, "build", err)
         return

@@ -243,6 +243,17 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: boo
                         f"delete it to restart the run from its first epoch, or pass --overwrite") from None
 
 
+def build_model(cfg: RunConfig, num_classes: int, device: torch.device) -> ModelBundle:
+    """The run's model on its device, its input size checked, in its memory format (run and rank alike)."""
+    bundle = create_model(cfg.model, num_classes, pretrained=bool(cfg.pretrained), weights=cfg.weights,
+                          image_size=cfg.image_size, drop_path=cfg.drop_path)
+    bundle.model.to(device)
+    check_input_size(bundle, cfg.image_size, device)
+    if cfg.channels_last:
+        bundle.model.to(memory_format=torch.channels_last)
+    return bundle
+
+
 def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) -> Experiment:
     """The run directory, data, model and strategy; config.json is written only once all are known good,
     so a failed start leaves nothing behind."""
@@ -281,12 +292,7 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
         raise UserError(f"--resume: the data of {final_dir} changed since the run started (fingerprint "
                         f"{checkpoint['data']}, now {data}): resume on the same data, or start a new run with --name "
                         f"or --overwrite")
-    bundle = create_model(cfg.model, len(splits.classes), pretrained=bool(cfg.pretrained), weights=cfg.weights,
-                          image_size=cfg.image_size, drop_path=cfg.drop_path)
-    bundle.model.to(device)
-    check_input_size(bundle, cfg.image_size, device)
-    if cfg.channels_last:
-        bundle.model.to(memory_format=torch.channels_last)
+    bundle = build_model(cfg, len(splits.classes), device)
     plan = strategy.phases(bundle.model, bundle.head, cfg.epochs, cfg.head_epochs, cfg.unfreeze_lr_scale)
     if cfg.head_init == "logreg":  # LP-FT: the head is fitted (see init_head), every epoch fine-tunes everything
         plan = [dataclasses.replace(plan[-1], first_epoch=0)]
