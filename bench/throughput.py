@@ -5,14 +5,17 @@ them), `full` fine-tuning with AdamW and label smoothing 0.1, batch size, resolu
 
   a  baseline       torchvision ImageFolder + per-image PIL transforms (resize, random crop with reflect padding,
                     flip, ToTensor, normalise) + DataLoader(--workers, persistent, pinned on CUDA); NCHW float32
-  b  data path      + our data path alone: images decoded once into uint8 tensors in host memory, crop/flip/resize/
-                    normalise per batch with `transferbench.data.Preprocess` (on the device); same loop, NCHW float32
+  b  data path      + our data path alone: images decoded once into one uint8 tensor in host memory, crop/flip/
+                    resize/normalise per batch with `transferbench.data.Preprocess` (on the device); same loop,
+                    NCHW float32
   c  channels_last  + model and batches in channels_last
   d  AMP            + bf16 (fp16 without bf16) autocast                    CUDA only; n/a on CPU
   e  resident data  + the uint8 images held on the device (`Batches`)      CUDA only; on CPU the data is already in
                                                                            host memory: n/a
   f  run()          `transferbench.run` on the same images (minus a 5% validation split): a cross-check of the
-                    ladder's last step, read from metrics.jsonl (images/s of the training epoch after the first)
+                    ladder's last step, read from metrics.jsonl (images/s of the training epoch after the first).
+                    Where run() reads its batches from the decoded store on disk (page cache) rather than from
+                    one tensor in memory, that difference is part of f vs the last step.
   g  compiled       (--compile) f with torch.compile: one run of 1 + repeats epochs after the others, the first
                     (compiling) epoch discarded
 
@@ -24,7 +27,7 @@ allocator setting of `transferbench run` (transferbench.host.tune_host_allocator
 step has it.
 
     python bench/throughput.py                    # 128 px, batch 64, 1,280 training images, 3 repeats
-    python bench/throughput.py --quick            # 96 px, batch 32, 100 images: 1.5-3.5 minutes on 2 loaded cores
+    python bench/throughput.py --quick            # 96 px, batch 32, 100 images: 1-4.5 minutes on 2 loaded cores
     python bench/throughput.py --device cuda --train-per-class 600 --workers 8 [--compile]
 """
 from __future__ import annotations
@@ -165,6 +168,8 @@ def main() -> None:
 
     loaded = load_dataset(f"folder:{folder}", None, storage_size=size, workers=2)  # decode once, untimed
     train = loaded.train if hasattr(loaded, "train") else loaded[0]  # a Dataset, or (train, test) before 9a6732b
+    if hasattr(train.images, "materialize"):  # rows of the decoded store on disk (since 9daf640): one tensor in RAM
+        train = type(train)(train.images.materialize(), train.labels, train.classes)
 
     def fresh_model(channels_last: bool):
         torch.manual_seed(0)
@@ -218,6 +223,8 @@ def main() -> None:
         first_epoch_s["compiled" if compile_ else "run"].append(rows[0]["epoch_time_s"])
         return [row["images_per_s"] for row in rows[1:]]  # the first epoch warms up (and compiles)
 
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    peak_before = matmul_flops(device, dtype)  # and again at the end: the best of the two is the 'peak'
     keys = list(variants)
     for key in keys:  # warm-up: one untimed pass each (kernels, allocator, DataLoader workers)
         model, opt, amp, batches = variants[key]
@@ -237,8 +244,7 @@ def main() -> None:
 
     _, model, _ = fresh_model(True)
     flops_img, backward_ratio = train_flops_per_image(model, size, device)
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    peak = matmul_flops(device, dtype)
+    peak = max(peak_before, matmul_flops(device, dtype))
 
     med = {key: summary(xs)[0] for key, xs in measured.items()}
     ladder = [key for key in ("baseline", "data_path", "channels_last", "amp", "resident") if key in measured]
@@ -290,8 +296,8 @@ def main() -> None:
             result[f"{key}_first_epoch_s"] = round(statistics.median(secs), 2)
     fraction = flops_img * med["run"] / peak
     print(f"training FLOPs/image {flops_img / 1e9:.3f} GFLOP (3x forward); {str(dtype).split('.')[-1]} matmul "
-          f"{peak / 1e9:.1f} GFLOP/s measured now; run() achieves {flops_img * med['run'] / 1e9:.1f} GFLOP/s = "
-          f"{fraction:.1%} of it")
+          f"{peak / 1e9:.1f} GFLOP/s (best measured before and after); run() achieves "
+          f"{flops_img * med['run'] / 1e9:.1f} GFLOP/s = {fraction:.1%} of it (both suffer from load on the machine)")
     print(f"(FlopCounterMode's own convolution_backward count is {backward_ratio:.0f}x the forward convolutions; "
           f"about 2x is right: it counts depthwise backward as dense, so the 3x-forward estimate is used)")
     result.update(flops_fraction=round(fraction, 4), matmul_gflop_s=round(peak / 1e9, 1),

@@ -191,21 +191,45 @@ def test_unreadable_claim_is_judged_by_mtime(tmp_path):
     assert try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT) is not None
 
 
-def test_taker_that_loses_the_rename_race_puts_a_fresh_claim_back(tmp_path, monkeypatch):
-    """A taker judges the claim stale, but before its rename a faster taker replaces it with a fresh claim: the slow
-    one must not steal the fresh claim (it moves it aside, sees another file, and links it back)."""
+def _link_after(hook):
+    """os.link that runs `hook` just before a taker links its marker (not for the first publish of a claim)."""
+    real_link = os.link
+
+    def link(src, dst):
+        if ".taken-" in str(dst):
+            hook()
+        real_link(src, dst)
+    return link
+
+
+def test_slow_taker_leaves_a_faster_takers_claim_alone(tmp_path, monkeypatch):
+    """A taker judges the claim stale, but before it links its marker a faster taker replaces the claim with a
+    fresh one: the slow one must not steal that claim."""
     stale = try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT)
     _backdate(tmp_path)
-    real_rename, fast = os.rename, []
+    real_link, fast = os.link, []
 
-    def rename_after_a_faster_taker(src, dst):
-        monkeypatch.setattr(claims.os, "rename", real_rename)
+    def faster_taker():
+        monkeypatch.setattr(claims.os, "link", real_link)
         fast.append(try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT))
-        real_rename(src, dst)
 
-    monkeypatch.setattr(claims.os, "rename", rename_after_a_faster_taker)
+    monkeypatch.setattr(claims.os, "link", _link_after(faster_taker))
     assert try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT) is None
     assert fast[0] is not None and fast[0].is_ours() and not stale.is_ours()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CLAIM_FILE]
+
+
+def test_taker_that_died_while_taking_over_does_not_block_the_claim(tmp_path, monkeypatch):
+    """A taker killed between linking its marker and replacing the claim: once that marker is stale_after_s old,
+    the next taker takes over with the next marker and removes both."""
+    try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT)
+    _backdate(tmp_path)
+    st = os.stat(tmp_path / CLAIM_FILE)
+    os.link(tmp_path / CLAIM_FILE, tmp_path / f"{CLAIM_FILE}.taken-{st.st_ino}-{st.st_mtime_ns}-0")  # as it left it
+    assert try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT) is None  # the dying taker's marker is fresh
+    time.sleep(STALE + 0.05)
+    claim = try_claim(tmp_path, stale_after_s=STALE, heartbeat_s=BEAT)
+    assert claim is not None and claim.is_ours()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CLAIM_FILE]
 
 

@@ -5,9 +5,12 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from conftest import CLASSES, class_image
 from transferbench import rank as ranking
 from transferbench.config import RunConfig
 from transferbench.data import load_dataset, make_splits
@@ -173,6 +176,29 @@ def test_rank_and_linear_probe_extract_the_training_features_once(folder, tmp_pa
     code, _, err = cli_run(*rank_args(folder, [name], {name: zoo[name]}, tmp_path / "r3"), "--train-subset", "15")
     assert code == 0, err
     assert len(feature_files(tmp_path) - after_run) == 1
+
+
+def test_a_carved_test_split_is_carved_as_the_run_carves_it(tmp_path, cli_run, zoo, one_thread):
+    """Class folders only: the test split is carved with the run's seed and --test-fraction, so the training split
+    (and its features) depend on them too."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "classes"
+    for label, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(class_image(label, rng)).save(root / cls / f"{i:04d}.png")
+    name = "timm:test_resnet"
+    split = ["--image-size", "16", "--seed", "3", "--test-fraction", "0.3", "--val-fraction", "0.25"]
+    code, _, err = cli_run("rank", "--dataset", f"folder:{root}", "--models", name, "--weights", f"{name}={zoo[name]}",
+                           *split, "--workers", "1", "--no-progress", "--out", tmp_path / "r")
+    assert code == 0, err
+    after_rank = feature_files(tmp_path)
+    code, _, err = cli_run("run", "--dataset", f"folder:{root}", "--model", name, "--weights", zoo[name],
+                           "--strategy", "linear-probe", "--no-augment", "--epochs", "1", *split, "--workers", "1",
+                           "--no-progress", "--output-dir", tmp_path / "runs")
+    assert code == 0, err
+    assert len(after_rank) == 1 and after_rank < feature_files(tmp_path)
+    assert len(feature_files(tmp_path) - after_rank) == 2
 
 
 def test_api_sorts_by_the_first_estimator(folder, tmp_path, zoo, one_thread):

@@ -305,7 +305,8 @@ def test_report_html_renders_in_headless_chromium(real_report, tmp_path):
     found = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, flags=re.S)
     assert found, f"no probe in the dumped DOM (exit {result.returncode}): {result.stderr[-2000:]}"
     probe = json.loads(html.unescape(found.group(1)))
-    assert probe["images"] == 2 and probe["decoded"] == 2 and probe["shown"] == 2  # learning curves, time
+    # learning curves, time, and the best configuration's confusion matrix and per-class accuracy
+    assert probe["images"] == 4 and probe["decoded"] == 4 and probe["shown"] == 4
     assert probe["tables"] == 1 and probe["rows"] == [2] and probe["laidOut"]
     summaries = [rundir.read_json(r.dir / rundir.SUMMARY) for r in study.runs]
     scratch = [s["test_acc"] for s in summaries if s["strategy"] == "scratch"]

@@ -207,29 +207,62 @@ def try_claim(run_dir: str | os.PathLike[str], *, stale_after_s: float = 120.0,
         seen = os.stat(claim)
     except FileNotFoundError:
         return None  # released just now: the run is probably done, and the caller can look again
-    if not _is_stale(seen, stale_after_s):
+    if not _is_stale(seen, stale_after_s) or not _take_over(run_dir, seen, info, stale_after_s):
         return None
-    # Move the stale claim aside under a name only we use: of several takers renaming the same file, exactly one
-    # succeeds and the rest get FileNotFoundError.
-    aside = run_dir / f"{CLAIM_FILE}.stale-{token}"
-    try:
-        os.rename(claim, aside)
-    except FileNotFoundError:
-        return None
-    moved = os.stat(aside)
-    if (moved.st_dev, moved.st_ino) != (seen.st_dev, seen.st_ino) or not _is_stale(moved, stale_after_s):
-        # Between our stat and rename another taker replaced the stale claim with a fresh one, or its owner woke up
-        # and heartbeat: put it back (exclusively, in case a third worker claimed the empty name meanwhile).
+    return Claim(claim, info, heartbeat_s)
+
+
+def _take_over(run_dir: Path, seen: os.stat_result, info: dict[str, Any], stale_after_s: float) -> bool:
+    """Replace the stale claim we `seen` with `info`: True for exactly one of the workers that saw it stale.
+
+    The claim name is never left empty (an empty name lets a newcomer publish while a taker also wins). Instead the
+    takers of one stale claim race to hard-link it to a marker named after it (inode and mtime): link() is
+    exclusive, so one taker gets the marker, checks that the claim is still the stale file it saw, and replaces it
+    with its own in one rename. A late taker that looked before the replacement gets the marker after the winner
+    removed it, sees a different file and gives up. Linking bumps the claim's ctime, so a marker older than
+    stale_after_s belongs to a taker that died on the spot; the next marker (suffix + 1) is then up for grabs.
+    """
+    claim = run_dir / CLAIM_FILE
+    stem = f"{CLAIM_FILE}.taken-{seen.st_ino}-{seen.st_mtime_ns}-"
+    earlier = [p for p in run_dir.iterdir() if p.name.startswith(stem)]
+    number = 0
+    if earlier:
         try:
-            os.link(aside, claim)
-        except FileExistsError:
-            pass  # the moved claim's owner will find a foreign token at its next heartbeat and set lost
-        os.unlink(aside)
-        return None
-    os.unlink(aside)
-    now = time.time()
-    info.update(started=now, heartbeat=now)
-    return Claim(claim, info, heartbeat_s) if _publish(run_dir, info) else None
+            if time.time() - os.stat(earlier[0]).st_ctime <= stale_after_s:
+                return False  # another taker is replacing this claim right now
+        except FileNotFoundError:
+            return False  # and has just finished
+        number = 1 + max(int(p.name[len(stem):]) for p in earlier)
+    marker = run_dir / f"{stem}{number}"
+    try:
+        os.link(claim, marker)
+    except (FileExistsError, FileNotFoundError):
+        return False  # another taker got this marker, or the claim was released
+    won = False
+    try:
+        st = os.stat(marker)
+        if (st.st_ino, st.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+            return False  # replaced by another taker since we looked, or its owner woke up and heartbeat
+        now = time.time()
+        info.update(started=now, heartbeat=now)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CLAIM_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            os.replace(tmp, claim)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        won = True
+        return True
+    finally:
+        # The winner removes every marker of the claim it replaced (a dead taker's too); a loser only its own.
+        markers = [p for p in run_dir.iterdir() if p.name.startswith(stem)] if won else [marker]
+        for path in markers:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def claim_state(run_dir: str | os.PathLike[str], stale_after_s: float = 120.0) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ a problem with the data or the options stops everything before any model is buil
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -33,13 +34,13 @@ import torch
 
 from . import rundir
 from .config import DatasetSpec, RunConfig, cache_dir, slug
-from .data import Splits, check_dataset, concat, load_dataset, make_splits
+from .data import Splits, check_dataset
 from .errors import UserError, did_you_mean
 from .features import cached_features, feature_key
 from .host import pick_device, versions
 from .models import data_config
 from .preprocess import Preprocess
-from .training import build_model
+from .training import build_model, load_splits
 from .transferability import ESTIMATORS, score
 
 log = logging.getLogger(__name__)
@@ -251,19 +252,6 @@ def model_config(base: RunConfig, model: str, weights: str | None) -> RunConfig:
                                strategy="linear-probe", augment="none", feature_cache=None, name=None)
 
 
-def load_splits(cfg: RunConfig, progress: bool = False) -> Splits:
-    """The splits `transferbench run` trains, selects and tests on for this resolved configuration, built the
-    way `training.prepare` builds them (same loading, same seed, same split options)."""
-    torch.manual_seed(cfg.seed)
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers,
-                           progress=progress)
-    splits = make_splits(dataset, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
-                         shots=cfg.shots)
-    if cfg.refit:
-        splits = Splits(concat(splits.train, splits.val), splits.val, splits.test)
-    return splits
-
-
 def _error_text(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text}" if not isinstance(err, UserError) else text
@@ -305,7 +293,8 @@ def rank(base: RunConfig, models: Sequence[str], *, weights: Mapping[str, str] |
         row.image_size = cfg.image_size
         if cfg.image_size not in data:  # a data problem concerns every model: it stops the ranking
             t0 = time.perf_counter()
-            data[cfg.image_size] = load_splits(cfg, progress)
+            torch.manual_seed(cfg.seed)  # as prepare() seeds before loading
+            data[cfg.image_size] = load_splits(cfg, progress)[1]
             data_time += time.perf_counter() - t0
         splits = data[cfg.image_size]
         row.train_images = len(splits.train)
@@ -316,8 +305,9 @@ def rank(base: RunConfig, models: Sequence[str], *, weights: Mapping[str, str] |
     _assign_ranks(rows, estimators)
     order = {id(r): i for i, r in enumerate(rows)}
     rows.sort(key=lambda r: (not r.ok, -(r.scores.get(estimators[0]) if r.ok else 0.0), order[id(r)]))
-    options = {k: getattr(base, k) for k in ("image_size", "train_subset", "shots", "val_fraction", "refit", "seed",
-                                             "pretrained", "batch_size", "channels_last", "data_dir")}
+    options = {k: getattr(base, k) for k in ("image_size", "train_subset", "shots", "val_fraction", "test_fraction",
+                                             "refit", "seed", "pretrained", "batch_size", "channels_last", "data_dir",
+                                             "image_column", "label_column")}
     return Ranking(dataset=probe.resolved().dataset, estimators=estimators, rows=rows, options=options,
                    device=str(device), data_time_s=data_time, total_time_s=time.perf_counter() - t_start,
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -361,6 +351,24 @@ def _score_model(row: RankRow, cfg: RunConfig, preprocessing, splits: Splits, de
         del bundle
     x, y = feats.images, feats.labels
     row.feature_dim = int(x.shape[1])
+    with one_blas_thread():
+        _score_features(row, x, y, estimators)
+
+
+def one_blas_thread():
+    """numpy's BLAS limited to one thread while the estimators run, where threadpoolctl is installed (it comes
+    with scikit-learn). Their eigendecompositions (D x D, D ~ 1000-2000) take well under a second on one core,
+    but OpenBLAS's spinning threads can make one take 10-20 s on a machine whose cores are busy with other work:
+    measured on the shared 2-core CPU, scoring four 5,000 x 1,280 feature sets took 75.6 s with its default two
+    threads and 3.8 s with one."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _score_features(row: RankRow, x: torch.Tensor, y: torch.Tensor, estimators: list[str]) -> None:
     for est in estimators:
         t0 = time.perf_counter()
         try:

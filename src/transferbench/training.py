@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import distributed, metrics, plots, probes, rundir
 from .config import RunConfig, differences
-from .data import Batches, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
+from .data import Batches, Dataset, Splits, batch_indices, check_dataset, concat, fingerprint, load_dataset, make_splits
 from .errors import UserError
 from .features import cached_features, cached_head_training_inputs, use_feature_cache
 from .host import peak_memory_mb, pick_device, reset_peak_memory, versions
@@ -254,6 +254,20 @@ def build_model(cfg: RunConfig, num_classes: int, device: torch.device) -> Model
     return bundle
 
 
+def load_splits(cfg: RunConfig, progress: bool = False) -> tuple[Dataset, Splits]:
+    """The dataset, and the train/val/test splits a run of this (resolved) configuration trains, selects and tests
+    on; `rank` scores the same ones."""
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers,
+                           progress=progress, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                           image_column=cfg.image_column, label_column=cfg.label_column)
+    log.info(dataset.describe_store())
+    splits = make_splits(dataset, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
+                         shots=cfg.shots)
+    if cfg.refit:  # the chosen configuration retrained on everything but the test split; nothing left to select on
+        splits = Splits(concat(splits.train, splits.val), splits.val, splits.test)
+    return dataset, splits
+
+
 def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) -> Experiment:
     """The run directory, data, model and strategy; config.json is written only once all are known good,
     so a failed start leaves nothing behind."""
@@ -279,14 +293,7 @@ def prepare(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool) ->
 
     torch.manual_seed(cfg.seed)
     reset_peak_memory(device)
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, storage_size=cfg.image_size, workers=cfg.workers,
-                           progress=progress and distributed.is_main(), test_fraction=cfg.test_fraction, seed=cfg.seed,
-                           image_column=cfg.image_column, label_column=cfg.label_column)
-    log.info(dataset.describe_store())
-    splits = make_splits(dataset, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset, seed=cfg.seed,
-                         shots=cfg.shots)
-    if cfg.refit:  # the chosen configuration retrained on everything but the test split; nothing left to select on
-        splits = Splits(concat(splits.train, splits.val), splits.val, splits.test)
+    dataset, splits = load_splits(cfg, progress and distributed.is_main())
     data = fingerprint(splits)
     if checkpoint is not None and checkpoint.get("data", data) != data:
         raise UserError(f"--resume: the data of {final_dir} changed since the run started (fingerprint "

@@ -18,13 +18,13 @@ from ..errors import UserError
 
 HELP = "rank candidate backbones for a dataset by transferability scores (LogME, H-score), before fine-tuning"
 # RunConfig fields that decide which features are scored (or where and how fast they are computed).
-OPTIONS = ("dataset", "data_dir", "pretrained", "image_size", "train_subset", "val_fraction", "seed", "device",
-           "batch_size", "workers")
+OPTIONS = ("dataset", "data_dir", "pretrained", "image_size", "train_subset", "val_fraction", "test_fraction",
+           "image_column", "label_column", "seed", "device", "batch_size", "workers")
 # Where rank's help says more than run's: the same option, seen from the features it decides.
 HELP_TEXT = {
     "dataset": "the target data: a catalog name (cifar10, ...) or folder:PATH, csv:FILE, hf:NAME, as for run",
     "pretrained": "models without --weights load the library's ImageNet weights (download + cache); default on",
-    "seed": "the seed of the validation split and the training subset, as for run (default: 0)",
+    "seed": "the seed of the validation split, the training subset and a carved test split, as for run (default: 0)",
     "batch_size": "features are extracted in batches of twice this, as run's linear probe does (default: 128)",
 }
 
