@@ -27,14 +27,7 @@ SPLIT = ["--image-size", "16", "--val-fraction", "0.25", "--train-subset", "18",
 
 @pytest.fixture(autouse=True)
 def one_blas_thread():
-    """The estimators' eigendecompositions run in numpy's BLAS: on a busy 2-core machine its threads can make a
-    256 x 256 eigh take seconds instead of milliseconds; one thread is plenty for these sizes."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn (the test extra) brings it; without it, just slower
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
+    with ranking.one_blas_thread():  # see its docstring: numpy's BLAS threads crawl on a busy 2-core machine
         yield
 
 
@@ -237,3 +230,44 @@ def test_missing_dataset_and_existing_output(folder, tmp_path, cli_run, zoo, one
     code, _, err = cli_run(*args)
     assert code == 2 and "--overwrite" in err
     assert cli_run(*args, "--overwrite")[0] == 0
+
+
+def test_study_scores_its_models_before_training_and_the_report_sets_scores_beside_accuracy(
+        folder, tmp_path, cli_run, zoo, one_thread):
+    from transferbench.report import write_report
+    from transferbench.transferability import weighted_kendall_tau
+
+    variants = "\n".join(f"  m{i}: {{model: '{name}', weights: '{path}'}}"
+                         for i, (name, path) in enumerate(zoo.items()))
+    study = tmp_path / "s.yaml"
+    study.write_text(f"""\
+options: {{dataset: 'folder:{folder}', strategy: linear-probe, epochs: 2, image_size: 16, val_fraction: 0.25,
+          train_subset: 18, seed: 3, batch_size: 8, workers: 1}}
+variants:
+{variants}
+  scratch-cnn: {{model: simple_cnn, strategy: scratch}}
+transferability: [logme, hscore]
+""")
+    code, out, err = cli_run("study", study, "--output-dir", tmp_path / "runs", "--no-progress")
+    assert code == 0, err
+    (scored,) = (tmp_path / "runs" / "s" / "transferability").glob("*/rank.json")
+    doc = json.loads(scored.read_text())
+    assert {r["model"] for r in doc["rows"]} == {*zoo, "simple_cnn"} and doc["estimators"] == ["logme", "hscore"]
+    # scored on the training images the runs train on
+    assert {r["train_images"] for r in doc["rows"]} == {18}
+    stamp = scored.stat().st_mtime_ns
+    code, _, err = cli_run("study", study, "--output-dir", tmp_path / "runs", "--no-progress")
+    assert code == 0 and scored.stat().st_mtime_ns == stamp  # kept, not scored again
+
+    write_report(tmp_path / "runs", tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Transferability before fine-tuning" in md
+    # the strategy most models ran (linear-probe: the two timm models), accuracy from their summaries
+    accs = {json.loads((d / "config.json").read_text())["model"]: json.loads((d / "summary.json").read_text())
+            for d in (tmp_path / "runs" / "s").glob("m*/*")}
+    rows = {r["model"]: r for r in doc["rows"]}
+    for est in ("logme", "hscore"):
+        tau = weighted_kendall_tau([rows[m]["scores"][est] for m in zoo], [accs[m]["test_acc"] for m in zoo])
+        assert f"weighted Kendall's τ between {est} and test accuracy (linear-probe, 2 models): {tau:.2f}" in md
+    assert "a hint, not a validation" in md
+    assert list((tmp_path / "report" / "report-plots").glob("*transferability*.png"))

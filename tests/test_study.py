@@ -296,3 +296,71 @@ def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypa
         assert sel["value"] == best.summary["test_acc"]
         assert sel["text"] in out and sel["text"] in md
     assert len(result["selections"]) == len(study.selections)
+
+
+def test_select_then_refit_retrains_the_chosen_configuration_on_train_and_val(folder, tmp_path, cli_run):
+    path = study_file(tmp_path, folder, """\
+  strategy: scratch
+  epochs: 3
+grid:
+  lr: [1.0e-3, 3.0e-2]
+  seed: [0, 1]
+select: {name: best-lr, among: {strategy: scratch}, refit: true}
+""")
+    out_dir = tmp_path / "runs"
+    code, out, err = cli_run("study", path, "--output-dir", out_dir, "--no-progress")
+    assert code == 0, err
+    study = load_study(path, out_dir)
+    runs = load_runs(study.dir)
+    (sel,) = selection_results(runs)
+    chosen = sel["group"].runs
+    assert sel["protocol"] == "refit" and len(chosen) == 2
+    refits = {r.config["seed"]: r for r in runs if r.in_study.startswith("refit/best-lr/")}
+    assert sorted(refits) == [0, 1]
+    for run in chosen:  # per seed: the chosen configuration, on train+val, for the epochs its run selected
+        refit = refits[run.config["seed"]]
+        assert refit.config["refit"] is True and refit.config["lr"] == run.config["lr"]
+        assert refit.config["epochs"] == run.summary["best_epoch"] == refit.summary["best_epoch"]
+        assert refit.summary["train_images"] == run.summary["train_images"] + run.summary["val_images"]
+        assert refit.summary["test_images"] == run.summary["test_images"]
+        assert refit.summary["protocol"].startswith("refit")
+    mean = sum(r.summary["test_acc"] for r in refits.values()) / 2
+    assert sel["value"] == pytest.approx(mean)
+    assert "refit on train+val" in sel["text"] and "[protocol: select on validation, then refit" in sel["text"]
+    assert sel["text"] in out
+    write_report(study.dir, tmp_path / "report")
+    assert sel["text"] in (tmp_path / "report" / "report.md").read_text()
+
+    code, out, err = cli_run("study", path, "--output-dir", out_dir, "--no-progress")  # nothing left to train
+    assert code == 0 and "starting" not in out + err
+    code, out, _ = cli_run("study", path, "--output-dir", out_dir, "--status")
+    assert code == 0 and len([l for l in out.splitlines() if re.match(r"\s+R\s+done\s+refit/best-lr/", l)]) == 2
+    code, out, _ = cli_run("study", path, "--output-dir", out_dir, "--dry-run")
+    assert "then its refit on train+val" in out and out.count("refit refit/best-lr/") == 2
+
+
+def test_refit_waits_for_every_candidate(folder, tmp_path):
+    path = study_file(tmp_path, folder, """\
+  strategy: scratch
+  epochs: 2
+grid: {lr: [1.0e-3, 3.0e-2]}
+select: {name: best, among: {strategy: scratch}, refit: true}
+""")
+    study = load_study(path, tmp_path / "runs")
+    outcome = run_study(study, progress=False, shard=(0, 2))  # one of the two candidates
+    assert outcome["ran"] == [study.runs[0].name] and study.refits == []
+    (sel,) = selection_results(load_runs(study.dir))
+    assert sel["protocol"] == "selected run" and "its refit on train+val has not finished" in sel["text"]
+    outcome = run_study(study, progress=False, shard=(1, 2))  # the last candidate: its process then refits
+    assert outcome["ran"] == [study.runs[1].name, *(r.name for r in study.refits)] and len(study.refits) == 1
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("grid: {seed: [0, 1]}\nselect: {among: {seed: [0, 1]}, refit: yes please}\n", ["select.refit", "true or false"]),
+    ("grid: {seed: [0, 1]}\nselect: {among: {seed: [0, 1]}, refit: true, report: best_val_acc}\n",
+     ["select.report", "report test_acc"]),
+    ("grid: {seed: [0, 1]}\nselect: {name: a/b, among: {seed: [0, 1]}}\n", ["select.name", "letters, digits"]),
+])
+def test_bad_refit_selections(folder, tmp_path, cli_run, no_training, body, expected):
+    code, _, err = cli_run("study", study_file(tmp_path, folder, body), "--dry-run")
+    assert code == 2 and all(e in err for e in expected), err

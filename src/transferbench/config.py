@@ -253,6 +253,10 @@ class RunConfig:
             if kind not in TRACKERS:
                 raise UserError(f"--log: unknown tracker '{kind}'; choose from {', '.join(TRACKERS)} (comma-separated)."
                                 f"{did_you_mean(kind, TRACKERS)}")
+        if self.refit and (not strategy.trains or strategy.fits_features):
+            raise UserError(f"--refit retrains for --epochs on train+val; strategy '{strategy.name}' has no epochs "
+                            f"(logreg already refits on train+val once its penalty is chosen; knn and zero-shot train "
+                            f"nothing): drop --refit")
         if self.head_init != "train" and not strategy.phased:
             raise UserError(f"--head-init {self.head_init} starts two-phase's fine-tuning from a fitted head; strategy "
                             f"'{strategy.name}' has no head phase")

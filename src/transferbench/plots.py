@@ -360,3 +360,25 @@ def time_plot(groups: list[Group], title: str) -> Plot | None:
     ax.set_title(f"{title}: {TITLES['time']}", fontsize=10)
     return Plot("time", f"{title}: {TITLES['time']}", png_bytes(fig))
 
+
+
+def transferability_plot(result: dict, title: str, dataset: str, kind: str) -> Plot | None:
+    """Per estimator, each model's transferability score against its measured test accuracy, with τ_w."""
+    points = result["points"]
+    if len(points) < 2:
+        return None
+    estimators = result["estimators"]
+    fig, axes = plt.subplots(1, len(estimators), figsize=(4.6 * len(estimators), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], estimators):
+        for i, p in enumerate(points):
+            ax.errorbar([p["scores"][name]], [100 * p["test_acc"]], yerr=[100 * (p["test_std"] or 0)],
+                        fmt="o", color=f"C{i % 10}", capsize=3)
+            ax.annotate(_short(p["model"], 22), (p["scores"][name], 100 * p["test_acc"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"{name} (before fine-tuning)")
+        ax.set_ylabel(f"test accuracy (%), {result['strategy']}")
+        ax.set_title(f"{name}: τ_w = {result['tau'][name]:.2f}", fontsize=10)
+        ax.grid(alpha=0.3)
+    caption = f"{title}: transferability vs fine-tuned accuracy ({dataset})"
+    fig.suptitle(caption, fontsize=10)
+    return Plot(kind, caption, png_bytes(fig))

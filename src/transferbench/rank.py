@@ -46,7 +46,7 @@ from .transferability import ESTIMATORS, score
 log = logging.getLogger(__name__)
 
 DEFAULT_ESTIMATORS = ("logme", "hscore")
-RANK_JSON, RANK_CSV = "rank.json", "rank.csv"
+RANK_JSON, RANK_CSV = rundir.RANK_JSON, rundir.RANK_CSV
 FORMAT = 1
 
 

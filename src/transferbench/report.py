@@ -39,6 +39,7 @@ from .results import (
     pct,
     references_for,
     selection_results,
+    transferability_results,
     unfinished_runs,
     varying_keys,
 )
@@ -67,6 +68,18 @@ class Section:
     labels: dict[str, str] = field(default_factory=dict)  # user's dataset labels
     selections: list[dict] = field(default_factory=list)
     plots: list[plots.Plot] = field(default_factory=list)
+    transferability: list[dict] = field(default_factory=list)  # per dataset scored (results.transferability_results)
+
+    def transferability_tables(self) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+        """Per scored dataset: its label, a table of each model's scores beside its test accuracy, the τ_w lines."""
+        tables = []
+        for t in self.transferability:
+            header = ["model", *t["estimators"], "params", f"test acc (%), {t['strategy']}"]
+            rows = [[p["model"], *(f"{p['scores'][e]:.4g}" for e in t["estimators"]),
+                     f"{p['params'] / 1e6:.2f}M" if p["params"] else "—", pct(p["test_acc"], p["test_std"])]
+                    for p in t["points"]]
+            tables.append((dataset_label(t["dataset"], self.study, self.labels), header, rows, t["lines"]))
+        return tables
 
     @property
     def columns(self) -> list[str]:
@@ -179,10 +192,14 @@ def build_sections(runs: list[Run], labels: dict[str, str] | None = None) -> lis
         else:
             title = study.name if names.count(study.name) == 1 else f"{study.name} ({study.dir})"
         section = Section(title, study, groups, labels, [s for s in selections if s["study_info"] is study])
+        if study is not None:
+            section.transferability = transferability_results(study, groups, section.selections)
+        scatters = [plots.transferability_plot(t, title, label, f"transferability-{slug(label)}")
+                    for t in section.transferability for label in [dataset_label(t["dataset"], study, labels)]]
         for plot in (plots.curves_plot(groups, title), plots.axis_plot(groups, "unfrozen", title),
                      plots.axis_plot(groups, "train-size", title), plots.axis_plot(groups, "shots", title),
                      plots.axis_plot(groups, "resolution", title), plots.time_plot(groups, title),
-                     *run_figures(section)):
+                     *run_figures(section), *scatters):
             if plot is not None:
                 section.plots.append(plot)
         sections.append(section)
@@ -270,6 +287,9 @@ def render_markdown(root: Path, runs: list[Run], sections: list[Section], unfini
         out += [_md_table(section.header(), section.rows()), ""]
         for sel in section.selections:
             out += [f"**Selected on validation, then tested** ({sel['by']} → {sel['report']}): {sel['text']}", ""]
+        for label, header, rows, lines in section.transferability_tables():
+            out += [f"**Transferability before fine-tuning, and the accuracy measured after** ({label})", "",
+                    _md_table(header, rows), ""] + [line + "  " for line in lines] + [""]
         for plot in section.plots:
             out += [f"![{plot.title}]({PLOTS_DIR}/{plot.file})", ""]
     return "\n".join(out)
@@ -309,6 +329,11 @@ def render_html(root: Path, runs: list[Run], sections: list[Section], unfinished
         for sel in section.selections:
             out.append(f'<p class="selection"><b>Selected on validation, then tested</b> ({e(sel["by"])} → '
                        f'{e(sel["report"])}): {e(sel["text"])}</p>')
+        for label, header, rows, lines in section.transferability_tables():
+            out.append(f"<p><b>Transferability before fine-tuning, and the accuracy measured after</b> ({e(label)})"
+                       f"</p>")
+            out.append(_html_table(header, rows, "transferability"))
+            out.append('<p class="note">' + "<br>".join(e(line) for line in lines) + "</p>")
         for plot in section.plots:
             data = base64.b64encode(plot.png).decode("ascii")
             out.append(f'<figure><img alt="{e(plot.title)}" data-kind="{plot.kind}" src="data:image/png;base64,{data}">'

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,6 +15,7 @@ from . import rundir
 from .config import NEUTRAL, DatasetSpec, canonical_dataset
 from .errors import UserError
 from .strategies import parse_strategy
+from .transferability import weighted_kendall_tau
 
 log = logging.getLogger(__name__)
 # What tells runs apart in a report: every option that changes a result, except the seed (seeds of one
@@ -40,6 +43,7 @@ class StudyInfo:
     references: list[dict]
     selections: list[dict]
     dataset_labels: dict[str, str]
+    refits: dict[str, str]  # refit run name in the study -> the selection it answers
 
     @property
     def order(self) -> list[str]:
@@ -68,12 +72,14 @@ class Run:
 def _read_study(path: Path) -> StudyInfo | None:
     try:
         doc = rundir.read_json(path)
-        runs = doc["runs"]
+        refits = list(doc.get("refit_runs") or [])
+        runs = [*doc["runs"], *refits]
         return StudyInfo(name=str(doc["name"]), dir=path.parent, description=doc.get("description") or "",
                          variants={r["name"]: r.get("variant") for r in runs},
                          options={r["name"]: dict(r.get("options") or {}) for r in runs},
                          references=list(doc.get("references") or []), selections=list(doc.get("select") or []),
-                         dataset_labels=dict(doc.get("dataset_labels") or {}))
+                         dataset_labels=dict(doc.get("dataset_labels") or {}),
+                         refits={r["name"]: r["selection"] for r in refits})
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning(f"{path} is not a readable study record ({type(err).__name__}: {err}); its runs are reported "
                     f"without it")
@@ -274,7 +280,9 @@ def pct(x: float | None, std: float | None = None) -> str:
 
 def selection_results(runs: list[Run]) -> list[dict]:
     """Each study's "select on validation, then test" answer: among the rule's candidates (seeds of one
-    configuration averaged), the configuration with the best mean `by` figure, and its `report` figure."""
+    configuration averaged), the configuration with the best mean `by` figure, and its `report` figure: that of
+    its refit runs (retrained on train+val, tested once) where the rule says `refit: true` and they finished, else
+    its own runs'. `protocol` says which."""
     results = []
     studies = list(dict.fromkeys(r.study for r in runs if r.study is not None))
     for study in studies:
@@ -301,6 +309,22 @@ def selection_results(runs: list[Run]) -> list[dict]:
             text = (f"{study.name}: {result['name']}: {label} has the best {by} ({pct(best.mean(by))}%) of "
                     f"{len(candidates)} configurations; its {report}: {pct(best.mean(report), best.std(report))}%"
                     + (f" (mean over {n} seeds)" if n > 1 else ""))
+            result["protocol"] = "selected run"
+            refits = group_runs([r for r in study_runs if study.refits.get(r.in_study) == result["name"]])
+            if sel.get("refit") and refits:
+                refit = refits[0]
+                epochs = sorted({int(r.config.get("epochs", 0)) for r in refit.runs})
+                result.update(protocol="refit", value=refit.mean(report), std=refit.std(report), refit_group=refit)
+                text += (f" with the weights selected on validation; refit on train+val for "
+                         f"{'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs and tested once: "
+                         f"{pct(refit.mean(report), refit.std(report))}%"
+                         + (f" (mean over {len(refit.runs)} seeds)" if len(refit.runs) > 1 else "")
+                         + " [protocol: select on validation, then refit on train+val]")
+            elif sel.get("refit"):
+                text += (" [protocol: the selected run's own weights; its refit on train+val has not finished: "
+                         "run the study again]")
+            else:
+                text += " [protocol: select on validation, test the selected run's weights]"
             for ref in references_for(best):
                 if ref.get("metric", "test_acc") == report:
                     text += f"; published {ref['value']:.2f}% ({ref['label']})"
@@ -310,3 +334,65 @@ def selection_results(runs: list[Run]) -> list[dict]:
             results.append(result)
     return results
 
+
+
+# ------------------------------------------------------------------------------------ transferability
+
+def tau_reading(tau: float, n: int) -> str:
+    """One line on what a weighted Kendall's tau between a score and fine-tuned accuracy says."""
+    if math.isnan(tau):
+        text = "undefined (the score or the accuracy is the same for every model)"
+    elif tau >= 0.8:
+        text = "the score orders these models almost as fine-tuning does"
+    elif tau >= 0.5:
+        text = "the score gets most of the order right, not all of it"
+    elif tau > 0.0:
+        text = "barely better than a random order: do not choose a backbone by this score alone here"
+    else:
+        text = "the score orders these models against fine-tuning: do not choose a backbone by it here"
+    if n < 6:
+        text += f"; with {n} models τ_w can take only a few values: a hint, not a validation"
+    return text
+
+
+def transferability_results(study: StudyInfo, groups: list[Group], selections: list[dict]) -> list[dict]:
+    """Per dataset the study scored (STUDY_DIR/transferability/*/rank.json): each model's scores beside its measured
+    test accuracy, and weighted Kendall's tau between each score and that accuracy (and between parameter count and
+    it: model size alone is the baseline a score has to beat). The accuracy is that of the strategy the study's
+    selection chose for the dataset (else the strategy most models ran), each model's configuration of it with
+    the best validation accuracy, never a refit run."""
+    results = []
+    for path in sorted((study.dir / rundir.TRANSFERABILITY_DIR).glob(f"*/{rundir.RANK_JSON}")):
+        try:
+            doc = rundir.read_json(path)
+            dataset, estimators, rows = doc["dataset"], list(doc["estimators"]), list(doc["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning(f"skipping {path}: not a readable ranking ({type(err).__name__}: {err})")
+            continue
+        mine = [g for g in groups if canonical_dataset(str(g.settings.get("dataset"))) == canonical_dataset(dataset)
+                and not g.settings.get("refit")]
+        if not mine:
+            continue
+        chosen = [s["group"] for s in selections if s.get("group") is not None and s["group"] in mine]
+        strategy = (str(chosen[0].get("strategy")) if chosen else
+                    Counter(str(g.get("strategy")) for g in mine).most_common(1)[0][0])
+        points = []
+        for row in rows:
+            candidates = [g for g in mine if g.get("model") == row.get("model") and str(g.get("strategy")) == strategy]
+            if row.get("status") != "ok" or not candidates:
+                continue
+            best = max(candidates, key=lambda g: g.mean("best_val_acc") or 0.0)  # chosen on validation
+            points.append({"model": row["model"], "scores": row["scores"], "params": row.get("params"),
+                           "test_acc": best.mean("test_acc"), "test_std": best.std("test_acc")})
+        accs = [p["test_acc"] for p in points]
+        taus = {e: weighted_kendall_tau([p["scores"][e] for p in points], accs) if len(points) > 1 else math.nan
+                for e in estimators}
+        if len(points) > 1 and all(p["params"] for p in points):
+            taus["params"] = weighted_kendall_tau([p["params"] for p in points], accs)
+        lines = [f"weighted Kendall's τ between {name} and test accuracy ({strategy}, {len(points)} models): "
+                 f"{tau:.2f}: {tau_reading(tau, len(points))}" for name, tau in taus.items() if name != "params"]
+        if "params" in taus:
+            lines.append(f"the parameter count alone: τ_w {taus['params']:.2f}")
+        results.append({"dataset": dataset, "strategy": strategy, "estimators": estimators, "points": points,
+                        "tau": taus, "lines": lines, "path": path})
+    return results

@@ -19,8 +19,10 @@ CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "curves.png")
 PREDICTIONS, CONFUSION_CSV, CONFUSION_PNG, PER_CLASS_PNG, TEST_FILES = (
     "predictions.npz", "confusion.csv", "confusion.png", "per_class.png", "test_files.txt")
-# A study directory (what `transferbench study` writes beside its runs)
-STUDY_RECORD = "study.json"
+# A study directory (what `transferbench study` writes beside its runs); a ranking (`transferbench rank`, and a
+# study's transferability scores in STUDY_DIR/TRANSFERABILITY_DIR/DATASET/)
+STUDY_RECORD, TRANSFERABILITY_DIR = "study.json", "transferability"
+RANK_JSON, RANK_CSV = "rank.json", "rank.csv"
 
 
 def file_digest(path: Path, algorithm: str) -> str:

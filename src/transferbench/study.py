@@ -18,8 +18,10 @@ A study file (YAML)::
       improved: {image_size: [160, 224]}    #   sweeps (replacing the grid's axis of that name)
     references:                             # published figures, in percent
       - {label: "last-n:25", match: {strategy: last-n:25}, metric: test_acc, value: 72.18, source: "..."}
+    transferability: [logme, hscore]        # optional: score every (dataset, model) before training (see rank)
     select:                                 # "choose on validation, then test" (one rule or a list)
-      {name: best-K, among: {strategy: [last-n:3, last-n:25]}, by: best_val_acc, report: test_acc}
+      {name: best-K, among: {strategy: [last-n:3, last-n:25]}, by: best_val_acc, report: test_acc,
+       refit: true}                         # optional: retrain the chosen one on train+val, test that
 
 Every run has the outputs of `transferbench run` in OUTPUT_DIR/NAME/[VARIANT/]RUN_NAME, where RUN_NAME is
 the default run name plus the values of the swept options it does not already show (``-px224``,
@@ -31,7 +33,13 @@ and the key. Running a study again skips complete runs and resumes interrupted o
 
 `match` (references) and `among` (select) name options as the file sets them, or `variant`; a list
 means any of its values. A selection compares configurations (seeds of one configuration averaged) by
-`by` and reports the chosen one's `report` figure; it never chooses on the test set.
+`by` and reports the chosen one's `report` figure; it never chooses on the test set. With `refit: true`,
+once every candidate has finished, the chosen configuration is trained again per seed on train+val for the
+epoch count its run selected (`--refit`) and tested once, in NAME/refit/SELECTION/; that is the reported
+answer (the protocol of VTAB and Kornblith et al.), and the report says which protocol gave each answer.
+With `transferability`, every model of each dataset is scored (`rank.rank`, on the training features the runs
+use) before any run trains, into NAME/transferability/DATASET/rank.json; the report sets the scores beside the
+measured accuracy.
 
 Running: `run_study` trains the planned runs in this process, each under a claim (see `claims`), so any number of
 processes may share one study directory at once: `study --workers N` on one machine (see `executors`), `--shard K/N`
@@ -56,8 +64,8 @@ from typing import Any, Callable
 import yaml
 from tqdm import tqdm
 
-from . import claims, rundir, training
-from .config import FIELDS, RunConfig, canonical_dataset, default_run_name, differences, field_type, slug
+from . import claims, rank, rundir, training
+from .config import FIELDS, DatasetSpec, RunConfig, canonical_dataset, default_run_name, differences, field_type, slug
 from .data import check_dataset
 from .errors import UserError, did_you_mean
 from .models import resolve_name
@@ -66,9 +74,11 @@ from .strategies import parse_strategy
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("name", "description", "dataset_labels", "options", "grid", "variants", "references", "select")
+TOP_KEYS = ("name", "description", "dataset_labels", "options", "grid", "variants", "references", "select",
+            "transferability")
 REFERENCE_KEYS = ("label", "match", "metric", "value", "source")
-SELECT_KEYS = ("name", "among", "by", "report")
+SELECT_KEYS = ("name", "among", "by", "report", "refit")
+REFIT_DIR = "refit"  # a selection's refit runs: STUDY_DIR/refit/SELECTION/[VARIANT/]RUN
 METRICS = ("test_acc", "best_val_acc")
 RESERVED = {"name": "run names come from the study", "output_dir": "pass --output-dir to `transferbench study`"}
 # Short tags for swept options in run names; other options appear as their own name.
@@ -87,6 +97,7 @@ class PlannedRun:
     config: RunConfig  # as the study sets it (output_dir and name filled in), not yet resolved
     options: dict[str, Any]  # every option the study file set for this run, in RunConfig order
     sources: dict[str, str] = field(repr=False, default_factory=dict)  # option -> where in the file
+    refit_of: str | None = None  # a refit run: the name of the selection it answers
 
     @property
     def dir(self) -> Path:
@@ -127,6 +138,7 @@ class Selection:
     by: str
     report: str
     runs: list[str]  # the candidates
+    refit: bool = False  # retrain the chosen configuration on train+val and report that (see plan_refits)
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +154,8 @@ class Study:
     references: list[Reference]
     selections: list[Selection]
     dataset_labels: dict[str, str] = field(default_factory=dict)
+    refits: list[PlannedRun] = field(default_factory=list)  # planned once a refit selection's candidates finished
+    transferability: list[str] = field(default_factory=list)  # estimators scoring every (dataset, model)
 
     @property
     def dir(self) -> Path:
@@ -155,6 +169,8 @@ class Study:
             "runs": [{"name": r.name, "variant": r.variant, "options": r.options} for r in self.runs],
             "references": [r.record() for r in self.references],
             "select": [s.record() for s in self.selections],
+            "refit_runs": [{"name": r.name, "selection": r.refit_of, "options": r.options} for r in self.refits],
+            "transferability": self.transferability,
         }
 
 
@@ -469,12 +485,36 @@ def _parse_selections(src: str, doc: dict, runs: list[PlannedRun]) -> list[Selec
         if by == "test_acc":
             raise UserError(f"{src}: {where}.by: selecting on test_acc would report a test figure chosen on the test "
                             f"set; select by best_val_acc")
+        refit = entry.get("refit", False)
+        if not isinstance(refit, bool):
+            raise UserError(f"{src}: {where}.refit: true or false, got {refit!r}")
+        if refit and report != "test_acc":
+            raise UserError(f"{src}: {where}.report: a refit run has no validation split left; with refit: true "
+                            f"report test_acc")
         candidates = [r.name for r in runs if _matches(r, among)]
         if len(candidates) < 2:
             raise UserError(f"{src}: {where}.among: {among} matches {len(candidates)} run(s); a selection needs at "
                             f"least two candidates")
-        selections.append(Selection(str(entry.get("name") or f"selection-{i + 1}"), among, by, report, candidates))
+        name = str(entry.get("name") or f"selection-{i + 1}")
+        if not _NAME_RE.fullmatch(name):
+            raise UserError(f"{src}: {where}.name: {name!r} names a directory of refit runs: letters, digits, '.', "
+                            f"'_' and '-' only")
+        if name in {s.name for s in selections}:
+            raise UserError(f"{src}: {where}.name: two selections are named '{name}'")
+        selections.append(Selection(name, among, by, report, candidates, refit))
     return selections
+
+
+def _parse_transferability(src: str, doc: dict) -> list[str]:
+    raw = doc.get("transferability")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{src}: transferability: a list of estimators, e.g. [logme, hscore], got {raw!r}")
+    try:
+        return rank.parse_estimators([str(e) for e in raw])
+    except UserError as err:
+        raise UserError(f"{src}: transferability: {err}") from None
 
 
 def _parse_dataset_labels(src: str, doc: dict, runs: list[PlannedRun]) -> dict[str, str]:
@@ -526,10 +566,12 @@ def load_study(path: str | Path, output_dir: str | Path = "runs", *,
     references = _parse_references(src, doc, runs)
     selections = _parse_selections(src, doc, runs)
     dataset_labels = _parse_dataset_labels(src, doc, runs)
+    transferability = _parse_transferability(src, doc)
     if transform is not None:
         runs = _transformed(runs, transform, [*references, *selections])
     _validate_values(src, runs)
-    return Study(name, description, path, Path(output_dir), runs, references, selections, dataset_labels)
+    return Study(name, description, path, Path(output_dir), runs, references, selections, dataset_labels,
+                 transferability=transferability)
 
 
 # -------------------------------------------------------------------------------------- running
@@ -837,6 +879,81 @@ class _Runner:
         self.overall.refresh("")
 
 
+def transferability_dir(study: Study, dataset: str) -> Path:
+    return study.dir / rundir.TRANSFERABILITY_DIR / slug(DatasetSpec.parse(dataset).short_name())
+
+
+def score_transferability(study: Study, *, progress: bool) -> None:
+    """Score every model of each dataset of the study with its `transferability` estimators, before training: one
+    `rank.rank` per dataset on the training features its first run defines (split, subset, seed, image size), each
+    model with the weights its runs load, into STUDY_DIR/transferability/DATASET/rank.json|csv. A ranking already
+    there for the same models is kept; one claimed by another process is left to it."""
+    stale_s, heartbeat_s = claims.intervals()
+    datasets: dict[str, list[PlannedRun]] = {}
+    for run in study.runs:
+        datasets.setdefault(canonical_dataset(run.config.dataset), []).append(run)
+    for dataset, runs in datasets.items():
+        weights: dict[str, str | None] = {}
+        for run in runs:
+            weights.setdefault(run.config.model, run.config.weights)  # the first run's weights speak for the model
+        out = transferability_dir(study, dataset)
+        try:
+            done = rundir.read_json(out / rundir.RANK_JSON)
+            if {r["model"] for r in done["rows"]} == set(weights) and done["estimators"] == study.transferability:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        claim = claims.try_claim(out, stale_after_s=stale_s, heartbeat_s=heartbeat_s)
+        if claim is None:
+            log.info(f"[study {study.name}] {out} is being scored by another process")
+            continue
+        with claim:
+            log.info(f"[study {study.name}] transferability of {len(weights)} models on {runs[0].config.dataset} "
+                     f"({', '.join(study.transferability)}), before fine-tuning")
+            try:
+                ranking = rank.rank(runs[0].config, list(weights), estimators=study.transferability,
+                                    weights={m: w for m, w in weights.items() if w}, progress=progress)
+            except UserError as err:
+                log.warning(f"[study {study.name}] no transferability scores for {runs[0].config.dataset}: {err}")
+                continue
+            ranking.write(out)
+            log.info(f"[study {study.name}] {ranking.summary_line()} -> {out}")
+
+
+def plan_refits(study: Study) -> list[str]:
+    """Plan (into study.refits) the refit runs of every `refit: true` selection whose candidates have all finished:
+    the chosen configuration, one run per seed, trained on train+val (`--refit`) for the epoch count that seed's run
+    selected on validation, then tested once. Returns a note for each refit selection with nothing to run yet."""
+    planned = {r.name: r for r in study.runs}
+    runs = load_runs(study.dir) if (study.dir / rundir.STUDY_RECORD).is_file() else []
+    results = {r["name"]: r for r in selection_results(runs) if r["study"] == study.name}
+    notes, refits = [], []
+    for sel in (s for s in study.selections if s.refit):
+        result = results.get(sel.name)
+        if result is None or result["group"] is None or result["finished"] < result["planned"]:
+            done = result["finished"] if result else 0
+            notes.append(f"select {sel.name}: its refit waits for every candidate ({done} of {len(sel.runs)} "
+                         f"finished)")
+            continue
+        group = result["group"]
+        if not group.strategy.trains or group.strategy.fits_features:
+            notes.append(f"select {sel.name}: the chosen {group.strategy.name} has no epochs to refit (logreg refits "
+                         f"on train+val inside its run; knn and zero-shot train nothing): its run is the answer")
+            continue
+        for run in group.runs:
+            base = planned[run.in_study]
+            epochs = int(run.summary["best_epoch"])
+            if group.strategy.phased and epochs <= base.config.head_epochs:
+                epochs = base.config.epochs  # chosen inside the head phase: the whole declared schedule again
+            options = {**base.options, "epochs": epochs, "refit": True}
+            out = study.dir / REFIT_DIR / sel.name / (base.variant or "")
+            config = dataclasses.replace(base.config, epochs=epochs, refit=True, output_dir=str(out))
+            refits.append(PlannedRun(f"{REFIT_DIR}/{sel.name}/{base.name}", base.variant, config, options,
+                                     base.sources, refit_of=sel.name))
+    study.refits = refits
+    return notes
+
+
 def run_study(study: Study, *, progress: bool = True, keep_going: bool = False, shard: tuple[int, int] | None = None,
               only: list[str] | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Run every planned run (of shard K/N, or named in `only`) that is not complete yet; interrupted ones resume.
@@ -848,7 +965,10 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False, 
     """
     hooks = hooks or Hooks()
     states = check_existing(study)
+    plan_refits(study)  # those that can choose already, so study.json lists them from the start
     write_record(study)
+    if study.transferability and only is None:  # a job-array task runs its one run only
+        score_transferability(study, progress=progress)
     runs = shard_runs(study.runs, shard)
     if only is not None:
         runs = [r for r in runs if r.name in set(only)]
@@ -865,9 +985,32 @@ def run_study(study: Study, *, progress: bool = True, keep_going: bool = False, 
     others = f", {len(runner.elsewhere)} finished by other workers" if runner.elsewhere else ""
     log.info(f"study {study.name}{where}: {runner.overall.done}/{len(runs)} runs complete ({len(skipped)} skipped, "
              f"{len(runner.failed)} failed{others}) in {format_duration(elapsed)} -> {study.dir}")
+    ran, failed = list(runner.ran), dict(runner.failed)
+    if only is None and any(s.refit for s in study.selections):  # a job-array task runs its one run only
+        ran_refits, failed_refits = _run_refits(study, progress=progress, keep_going=keep_going, hooks=hooks)
+        ran += ran_refits
+        failed.update(failed_refits)
     selections = summarize(study)
-    return {"complete": runner.overall.done, "skipped": skipped, "ran": runner.ran, "elsewhere": runner.elsewhere,
-            "failed": runner.failed, "elapsed_s": elapsed, "selections": selections}
+    return {"complete": runner.overall.done, "skipped": skipped, "ran": ran, "elsewhere": runner.elsewhere,
+            "failed": failed, "elapsed_s": time.perf_counter() - runner.overall.start, "selections": selections}
+
+
+def _run_refits(study: Study, *, progress: bool, keep_going: bool, hooks: Hooks) -> tuple[list[str], dict[str, str]]:
+    """The refit runs whose selections can choose now (every candidate finished, here or elsewhere), each claimed
+    like any other run, so of several processes finishing a study each refit trains once."""
+    for note in plan_refits(study):
+        log.info(f"[study {study.name}] {note}")
+    write_record(study)
+    states = {r.name: r.state() for r in study.refits}
+    pending = [r for r in study.refits if states[r.name] != "complete"]
+    if not pending:
+        return [], {}
+    runner = _Runner(study, study.refits, states, progress=progress, keep_going=keep_going, hooks=hooks)
+    try:
+        runner.loop(pending)
+    finally:
+        runner.overall.close()
+    return runner.ran, runner.failed
 
 
 def summarize(study: Study) -> list[str]:
@@ -899,7 +1042,12 @@ def plan_lines(study: Study, shard: tuple[int, int] | None = None) -> list[str]:
         lines.append(f"reference: {ref.label}: {ref.value:g}% {ref.metric} ({len(ref.runs)} run(s))"
                      + (f" [{ref.source}]" if ref.source else ""))
     for sel in study.selections:
-        lines.append(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}, reporting its {sel.report}")
+        then = ", then its refit on train+val, tested once" if sel.refit else f", reporting its {sel.report}"
+        lines.append(f"select {sel.name}: the best of {len(sel.runs)} runs by {sel.by}{then}")
+    lines += plan_refits(study)
+    for run in study.refits:
+        state = run.state()
+        lines.append(f"refit {run.name}: {'done' if state == 'complete' else state}, epochs={run.config.epochs}")
     lines.append(f"dry run: {counts['new']} to start, {counts['interrupted']} to resume, {counts['complete']} "
                  f"complete; "
                  f"nothing was run")
@@ -918,14 +1066,16 @@ def status_lines(study: Study, shard: tuple[int, int] | None = None) -> list[str
     runs = shard_runs(study.runs, shard)
     where = f" (shard {shard[0]}/{shard[1]}: {len(runs)} of {len(study.runs)} runs)" if shard else ""
     lines = [f"study {study.name} ({study.path}): {len(study.runs)} runs{where} -> {study.dir}"]
+    waiting = plan_refits(study)
+    runs += study.refits  # numbered R
     width = max((len(r.name) for r in runs), default=0)
-    number = {r.name: i for i, r in enumerate(study.runs, 1)}
+    number = {r.name: str(i) for i, r in enumerate(study.runs, 1)}
     counts = dict.fromkeys(("done", "running", "stale", "pending"), 0)
     for run in runs:
         info = claims.claim_state(run.dir, stale_s)
         epochs, done = planned_epochs(run), run.epochs_done()
         progress = f"epoch {done}/{epochs}" if epochs else "no epochs"
-        if states[run.name] == "complete" or run.state() == "complete":
+        if states.get(run.name) == "complete" or run.state() == "complete":
             tag = "done"
             try:
                 acc = rundir.read_json(run.dir / rundir.SUMMARY).get("test_acc")
@@ -944,7 +1094,7 @@ def status_lines(study: Study, shard: tuple[int, int] | None = None) -> list[str
             tag = "pending"
             detail = f"interrupted, resumes after epoch {done}/{epochs}" if run.state() == "interrupted" else "new"
         counts[tag] += 1
-        lines.append(f"{number[run.name]:>4}  {tag:<8} {run.name:<{width}}  {detail}")
+        lines.append(f"{number.get(run.name, 'R'):>4}  {tag:<8} {run.name:<{width}}  {detail}")
     lines.append(", ".join(f"{n} {tag}" for tag, n in counts.items())
                  + f" (a claim is stale after {format_duration(stale_s)} without heartbeat)")
-    return lines
+    return lines + waiting
