@@ -313,10 +313,11 @@ def selection_results(runs: list[Run]) -> list[dict]:
             refits = group_runs([r for r in study_runs if study.refits.get(r.in_study) == result["name"]])
             if sel.get("refit") and refits:
                 refit = refits[0]
-                epochs = sorted({int(r.config.get("epochs", 0)) for r in refit.runs})
+                epochs = sorted({int(r.config.get("epochs", 0)) for r in refit.runs})  # per seed: its own
+                span = str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
                 result.update(protocol="refit", value=refit.mean(report), std=refit.std(report), refit_group=refit)
                 text += (f" with the weights selected on validation; refit on train+val for "
-                         f"{'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs and tested once: "
+                         f"{span} epochs and tested once: "
                          f"{pct(refit.mean(report), refit.std(report))}%"
                          + (f" (mean over {len(refit.runs)} seeds)" if len(refit.runs) > 1 else "")
                          + " [protocol: select on validation, then refit on train+val]")
@@ -333,7 +334,6 @@ def selection_results(runs: list[Run]) -> list[dict]:
             result["text"] = text
             results.append(result)
     return results
-
 
 
 # ------------------------------------------------------------------------------------ transferability
