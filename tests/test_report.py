@@ -132,7 +132,8 @@ def kinds(out: Path) -> set[str]:
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     found = set(re.findall(r'data-kind="([a-z0-9-]+)"', page))
-    kind = r"-(curves|unfrozen|train-size|shots|resolution|time|confusion-[a-z0-9]+|per-class-[a-z0-9]+)\.png"
+    kind = (r"-(curves|unfrozen|train-size|shots|resolution|time-to-accuracy|time|confusion-[a-z0-9]+|"
+            r"per-class-[a-z0-9]+)\.png")
     assert found == set(re.findall(r"\(report-plots/[\w.-]+?" + kind + r"\)", md))
     files = [p.name for p in (out / "report-plots").glob("*.png")] if (out / "report-plots").exists() else []
     assert sorted(re.search(kind + "$", f).group(1) for f in files) == sorted(found)
@@ -148,10 +149,11 @@ BASE = "options: {dataset: cifar10, model: resnet18, epochs: 1}\n"
     ("grid: {strategy: [last-n:3, last-n:12]}", {"unfrozen", "time"}),
     ("grid: {strategy: [zero-shot, linear-probe]}", {"unfrozen"}),
     ("grid: {strategy: [full], image_size: [16, 32]}", {"resolution", "time"}),
-    ("grid: {strategy: [full], train_subset: [100, 200]}", {"train-size", "time"}),
+    ("grid: {strategy: [full], train_subset: [100, 200]}", {"train-size", "time", "time-to-accuracy"}),
     ("grid: {strategy: [full]}\nvariants: {r18: {}, r34: {model: resnet34}}", {"time"}),
     ("grid: {strategy: [last-n:3, last-n:12], image_size: [16, 32], train_subset: [100, 200]}\n"
-     "variants: {two-epochs: {epochs: 2}}", {"curves", "unfrozen", "resolution", "train-size", "time"}),
+     "variants: {two-epochs: {epochs: 2}}", {"curves", "unfrozen", "resolution", "train-size", "time",
+                                             "time-to-accuracy"}),
 ], ids=["one-configuration", "epochs", "unfrozen", "zero-shot-vs-probe", "resolution", "train-size", "models", "all"])
 def test_a_plot_appears_only_when_its_axis_varies(tmp_path, grid, expected):
     from transferbench.report import write_report

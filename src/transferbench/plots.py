@@ -258,7 +258,8 @@ AXES: dict[str, tuple[Callable[[Group], float | None], str, tuple[str, ...], tup
 }
 TITLES = {"curves": "learning curves", "unfrozen": "accuracy vs unfrozen layers",
           "train-size": "accuracy vs training-set size", "resolution": "accuracy vs input resolution",
-          "time": "accuracy vs training time", "shots": "few-shot accuracy vs shots (mean ± std over seeds)"}
+          "time": "accuracy vs training time", "time-to-accuracy": "validation accuracy vs training time, per epoch",
+          "shots": "few-shot accuracy vs shots (mean ± std over seeds)"}
 def short_labels(groups: list[Group]) -> dict[int, str]:
     """Each group named by what sets it apart from the others shown with it."""
     keys = varying_keys(groups, declared=True) or ["model", "strategy"]
@@ -338,6 +339,34 @@ def curves_plot(groups: list[Group], title: str) -> Plot | None:
     fig.suptitle(f"{title}: {TITLES['curves']}", fontsize=10)
     fig.tight_layout()
     return Plot("curves", f"{title}: {TITLES['curves']}", png_bytes(fig))
+
+
+def time_to_accuracy_plot(groups: list[Group], title: str) -> Plot | None:
+    """Time to accuracy: each configuration's validation accuracy after every epoch against the training time spent
+    so far (seeds averaged), its test accuracy marked at the end. Drawn where the configurations spend different
+    budgets (epochs or training-set size), the question this plot answers."""
+    trained = [g for g in groups if g.trained and all(m.get("epoch_time_s") is not None for r in g.runs
+                                                      for m in r.metrics)]
+    budgets = {_key([g.get("epochs"), g.get("train_subset")]) for g in trained}
+    if len(trained) < 2 or len(budgets) < 2:
+        return None
+    labels = short_labels(trained)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, g in enumerate(trained):
+        elapsed = [np.cumsum([m["epoch_time_s"] for m in r.metrics]) for r in g.runs]
+        n = min(len(e) for e in elapsed)
+        minutes = [statistics.fmean(e[k] for e in elapsed) / 60 for k in range(n)]
+        val = [100 * statistics.fmean(r.metrics[k]["val_acc"] for r in g.runs) for k in range(n)]
+        ax.plot(minutes, val, "o-", color=f"C{i % 10}", markersize=3, label=labels[id(g)])
+        ax.plot([minutes[-1]], [100 * g.mean("test_acc")], "*", color=f"C{i % 10}", markersize=11)
+    ax.plot([], [], "ko-", markersize=3, label="validation, per epoch")
+    ax.plot([], [], "k*", markersize=9, label="test (selected epoch)")
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    ax.set_title(f"{title}: {TITLES['time-to-accuracy']}", fontsize=10)
+    return Plot("time-to-accuracy", f"{title}: {TITLES['time-to-accuracy']}", png_bytes(fig))
 
 
 def time_plot(groups: list[Group], title: str) -> Plot | None:

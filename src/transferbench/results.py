@@ -223,7 +223,7 @@ def varying_keys(groups: list[Group], declared: bool = False) -> list[str]:
 
 def fmt_setting(key: str, value: Any) -> str:
     if value is None:
-        return {"train_subset": "all", "weights": "none"}.get(key, "default")
+        return {"train_subset": "all", "weights": "none", "ema": "none", "layer_decay": "none"}.get(key, "default")
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
