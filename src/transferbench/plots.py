@@ -407,7 +407,9 @@ def transferability_plot(result: dict, title: str, dataset: str, kind: str) -> P
         ax.set_xlabel(f"{name} (before fine-tuning)")
         ax.set_ylabel(f"test accuracy (%), {result['strategy']}")
         ax.set_title(f"{name}: τ_w = {result['tau'][name]:.2f}", fontsize=10)
+        ax.margins(x=0.3, y=0.12)  # room for the names beside the points
         ax.grid(alpha=0.3)
     caption = f"{title}: transferability vs fine-tuned accuracy ({dataset})"
     fig.suptitle(caption, fontsize=10)
+    fig.tight_layout()
     return Plot(kind, caption, png_bytes(fig))
