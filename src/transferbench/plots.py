@@ -285,6 +285,16 @@ def _legend(ax) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
+def _one_axes_plot(fig, ax, kind: str, title: str, xlabel: str, ylabel: str) -> Plot:
+    """Labels, grid, legend and title of a one-axes report figure, as a Plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    ax.set_title(f"{title}: {TITLES[kind]}", fontsize=10)
+    return Plot(kind, f"{title}: {TITLES[kind]}", png_bytes(fig))
+
+
 def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
     """Test accuracy (and best validation accuracy, dashed) along one axis; None unless a line has two points."""
     lines, keys = _lines(groups, kind)
@@ -304,12 +314,7 @@ def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
     xs = [x for line in lines.values() for x, _ in line]
     if kind == "train-size" and max(xs) > 20 * min(xs):
         ax.set_xscale("log")
-    ax.set_xlabel(AXES[kind][1])
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax.set_title(f"{title}: {TITLES[kind]}", fontsize=10)
-    return Plot(kind, f"{title}: {TITLES[kind]}", png_bytes(fig))
+    return _one_axes_plot(fig, ax, kind, title, AXES[kind][1], "accuracy (%)")
 
 
 def curves_plot(groups: list[Group], title: str) -> Plot | None:
@@ -361,12 +366,7 @@ def time_to_accuracy_plot(groups: list[Group], title: str) -> Plot | None:
         ax.plot([minutes[-1]], [100 * g.mean("test_acc")], "*", color=f"C{i % 10}", markersize=11)
     ax.plot([], [], "ko-", markersize=3, label="validation, per epoch")
     ax.plot([], [], "k*", markersize=9, label="test (selected epoch)")
-    ax.set_xlabel("training time (minutes)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax.set_title(f"{title}: {TITLES['time-to-accuracy']}", fontsize=10)
-    return Plot("time-to-accuracy", f"{title}: {TITLES['time-to-accuracy']}", png_bytes(fig))
+    return _one_axes_plot(fig, ax, "time-to-accuracy", title, "training time (minutes)", "accuracy (%)")
 
 
 def time_plot(groups: list[Group], title: str) -> Plot | None:
@@ -382,14 +382,7 @@ def time_plot(groups: list[Group], title: str) -> Plot | None:
     times = [t for t, _ in points]
     if max(times) > 20 * min(times):
         ax.set_xscale("log")
-    ax.set_xlabel("training time (s, all epochs)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax.set_title(f"{title}: {TITLES['time']}", fontsize=10)
-    return Plot("time", f"{title}: {TITLES['time']}", png_bytes(fig))
-
-
+    return _one_axes_plot(fig, ax, "time", title, "training time (s, all epochs)", "test accuracy (%)")
 
 def transferability_plot(result: dict, title: str, dataset: str, kind: str) -> Plot | None:
     """Per estimator, each model's transferability score against its measured test accuracy, with τ_w."""

@@ -46,7 +46,6 @@ from .transferability import ESTIMATORS, score
 log = logging.getLogger(__name__)
 
 DEFAULT_ESTIMATORS = ("logme", "hscore")
-RANK_JSON, RANK_CSV = rundir.RANK_JSON, rundir.RANK_CSV
 FORMAT = 1
 
 
@@ -205,9 +204,9 @@ class Ranking:
     def write(self, out_dir: Path) -> tuple[Path, Path]:
         """rank.json and rank.csv in out_dir, each written atomically."""
         out_dir = rundir.writable_dir(Path(out_dir), "--out")
-        rundir.atomic_write_json(out_dir / RANK_JSON, _finite(self.to_dict()))
-        rundir.atomic_write_text(out_dir / RANK_CSV, self.csv_text())
-        return out_dir / RANK_JSON, out_dir / RANK_CSV
+        rundir.atomic_write_json(out_dir / rundir.RANK_JSON, _finite(self.to_dict()))
+        rundir.atomic_write_text(out_dir / rundir.RANK_CSV, self.csv_text())
+        return out_dir / rundir.RANK_JSON, out_dir / rundir.RANK_CSV
 
 
 def _blank(v: Any) -> Any:

@@ -924,6 +924,8 @@ def plan_refits(study: Study) -> list[str]:
     """Plan (into study.refits) the refit runs of every `refit: true` selection whose candidates have all finished:
     the chosen configuration, one run per seed, trained on train+val (`--refit`) for the epoch count that seed's run
     selected on validation, then tested once. Returns a note for each refit selection with nothing to run yet."""
+    if not any(s.refit for s in study.selections):
+        return []  # reading every finished run is for refit selections only
     planned = {r.name: r for r in study.runs}
     runs = load_runs(study.dir) if (study.dir / rundir.STUDY_RECORD).is_file() else []
     results = {r["name"]: r for r in selection_results(runs) if r["study"] == study.name}

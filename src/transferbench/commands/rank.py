@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from .. import rank as ranking
+from .. import rundir
 from ..config import RunConfig, field_type, flag
 from ..errors import UserError
 
@@ -68,7 +69,7 @@ def command(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else ranking.default_out_dir(base.dataset)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    existing = [p.name for p in (out / ranking.RANK_JSON, out / ranking.RANK_CSV) if p.exists()]
+    existing = [p.name for p in (out / rundir.RANK_JSON, out / rundir.RANK_CSV) if p.exists()]
     if existing and not args.overwrite:
         raise UserError(f"--out {out} already holds {' and '.join(existing)}: pass --overwrite to replace them, or "
                         f"choose another --out")
