@@ -99,6 +99,20 @@ def test_default_head_rate_is_ten_times_when_pretrained_layers_train_too():
     assert RunConfig(strategy="two-phase").resolved().head_lr_scale == 1.0
 
 
+def test_defaults_follow_the_measured_sweep():
+    """studies/cpu-cifar10-defaults-sweep.yaml chose AdamW 3e-3 for a new head (or from scratch), 3e-4 for pretrained
+    layers, and BatchNorm statistics frozen wherever pretrained layers train; explicit options win."""
+    rows = {"linear-probe": (3e-3, False), "two-phase": (3e-3, True), "scratch": (3e-3, False),
+            "full": (3e-4, True), "last-n:3": (3e-4, True)}
+    for strategy, (lr, bn_frozen) in rows.items():
+        c = RunConfig(strategy=strategy, model="resnet18").resolved()
+        assert (c.lr, c.bn_frozen) == (lr, bn_frozen), strategy
+    assert RunConfig(strategy="full", pretrained=False).resolved().bn_frozen is False  # nothing pretrained to keep
+    assert RunConfig(strategy="full", bn_frozen=False, lr=1e-2).resolved().bn_frozen is False
+    assert RunConfig(strategy="full", optimizer="sgd").resolved().lr == 0.01
+    assert RunConfig(strategy="linear-probe", optimizer="adam").resolved().lr == 1e-3
+
+
 def test_ema_weights_are_selected_like_raw_ones_and_saved_when_they_win(folder, tmp_path, cli_run, monkeypatch):
     snapshots = {}
     real = training.end_epoch

@@ -132,7 +132,7 @@ def kinds(out: Path) -> set[str]:
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     found = set(re.findall(r'data-kind="([a-z0-9-]+)"', page))
-    kind = (r"-(curves|unfrozen|train-size|shots|resolution|time-to-accuracy|time|confusion-[a-z0-9]+|"
+    kind = (r"-(curves|unfrozen|train-size|shots|resolution|lr|time-to-accuracy|time|confusion-[a-z0-9]+|"
             r"per-class-[a-z0-9]+)\.png")
     assert found == set(re.findall(r"\(report-plots/[\w.-]+?" + kind + r"\)", md))
     files = [p.name for p in (out / "report-plots").glob("*.png")] if (out / "report-plots").exists() else []
@@ -151,10 +151,12 @@ BASE = "options: {dataset: cifar10, model: resnet18, epochs: 1}\n"
     ("grid: {strategy: [full], image_size: [16, 32]}", {"resolution", "time"}),
     ("grid: {strategy: [full], train_subset: [100, 200]}", {"train-size", "time", "time-to-accuracy"}),
     ("grid: {strategy: [full]}\nvariants: {r18: {}, r34: {model: resnet34}}", {"time"}),
+    ("grid: {strategy: [full, linear-probe], lr: [1.0e-4, 1.0e-3]}", {"lr", "time"}),
     ("grid: {strategy: [last-n:3, last-n:12], image_size: [16, 32], train_subset: [100, 200]}\n"
      "variants: {two-epochs: {epochs: 2}}", {"curves", "unfrozen", "resolution", "train-size", "time",
                                              "time-to-accuracy"}),
-], ids=["one-configuration", "epochs", "unfrozen", "zero-shot-vs-probe", "resolution", "train-size", "models", "all"])
+], ids=["one-configuration", "epochs", "unfrozen", "zero-shot-vs-probe", "resolution", "train-size", "models", "lr",
+        "all"])
 def test_a_plot_appears_only_when_its_axis_varies(tmp_path, grid, expected):
     from transferbench.report import write_report
 
@@ -162,6 +164,25 @@ def test_a_plot_appears_only_when_its_axis_varies(tmp_path, grid, expected):
                                                              "train_time_s": 10.0 + i})
     result = write_report(tmp_path / "runs", tmp_path / "out")
     assert kinds(tmp_path / "out") == expected and result["plots"] == len(expected)
+
+
+def test_a_sweep_legend_names_each_line_once(tmp_path, monkeypatch):
+    """Lines that need every difference to tell them apart (two variants, each sweeping lr with BatchNorm
+    statistics frozen and not) are named by variant, strategy and bn_frozen, each once."""
+    from transferbench import plots
+    from transferbench.report import build_sections, load_runs
+
+    body = BASE + ("grid: {lr: [1.0e-4, 1.0e-3], bn_frozen: [false, true]}\n"
+                   "variants: {short: {strategy: last-n:3}, long: {strategy: last-n:12}}\n")
+    fake_study(tmp_path, body, lambda run, i: {"test_acc": 0.5 + 0.01 * i, "best_val_acc": 0.5})
+    [section] = build_sections(load_runs(tmp_path / "runs"))
+    lines, keys = plots._lines(section.groups, "lr")
+    assert len(lines) == 4 and keys.count("variant") == 1
+    legends = []
+    monkeypatch.setattr(plots, "_legend", lambda ax: legends.append(ax.get_legend_handles_labels()[1]))
+    assert plots.axis_plot(section.groups, "lr", "t") is not None
+    assert sorted(legends[0]) == ["best validation", "long last-n:12 bn frozen no", "long last-n:12 bn frozen yes",
+                                  "short last-n:3 bn frozen no", "short last-n:3 bn frozen yes", "test"]
 
 
 def test_dataset_names_and_runs_outside_studies(tmp_path, folder, cli_run):

@@ -6,6 +6,7 @@ import torch
 
 from conftest import make_folder, write_cifar
 from transferbench import training
+from transferbench.config import DEFAULT_LR
 from transferbench.models import create_model
 
 COMMON = ["--image-size", "16", "--batch-size", "8", "--no-progress", "--workers", "1", "--val-fraction", "0.25"]
@@ -38,7 +39,8 @@ def test_run_writes_a_complete_record_and_evaluate_reproduces_it(folder, tmp_pat
     assert set(summary["versions"]) == {"python", "torch", "torchvision", "timm"}
     assert summary["trainable_params"] == summary["total_params"] and summary["test_images"] == 18
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["lr"] == 1e-3 and config["image_size"] == 16 and config["pretrained"] is False
+    assert config["lr"] == DEFAULT_LR["adamw"][0] and config["image_size"] == 16 and config["pretrained"] is False
+    assert config["bn_frozen"] is False  # the resolved defaults are recorded: from scratch, nothing to keep
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     code, out, err = cli_run("evaluate", run_dir)
@@ -108,6 +110,7 @@ def test_two_phase_trains_head_then_everything(folder, tmp_path, cli_run, resnet
     monkeypatch.setattr(training, "after_epoch", snapshot)
     code, _, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,
                            "--strategy", "two-phase", "--epochs", "3", "--head-epochs", "1", "--lr", "1e-2",
+                           "--no-bn-frozen",  # phase 2 then moves the BatchNorm statistics too (phase 1 never does)
                            "--output-dir", tmp_path / "runs", *COMMON, *(["--compile"] if compiled else []))
     assert code == 0, err
     assert torch.equal(snapshots[1]["conv1.weight"], initial["conv1.weight"])
@@ -208,11 +211,11 @@ def test_cifar10_run_from_data_dir(tmp_path, cli_run, monkeypatch):
 def test_last_n_trains_only_the_last_tensors(folder, tmp_path, cli_run, resnet_weights):
     path, initial = resnet_weights
     code, out, err = cli_run("run", "--dataset", f"folder:{folder}", "--model", "resnet18", "--weights", path,
-                             "--strategy", "last-n:3", "--epochs", "1", "--lr", "1e-2", "--output-dir",
-                             tmp_path / "runs", *COMMON)
+                             "--strategy", "last-n:3", "--epochs", "1", "--lr", "1e-2", "--no-bn-frozen",
+                             "--output-dir", tmp_path / "runs", *COMMON)
     assert code == 0, err
     final = torch.load(tmp_path / "runs" / "imgs-resnet18-last-n3-s0" / "model.pt", weights_only=False)["state_dict"]
     changed = {k for k, v in final.items() if not k.startswith("fc.") and not torch.equal(v, initial[k])}
-    # The last 3 tensors: layer4.1.bn2.bias, fc.weight, fc.bias. bn2 trains, so its statistics move too.
+    # The last 3 tensors: layer4.1.bn2.bias, fc.weight, fc.bias. bn2 trains and is not bn-frozen: its statistics move.
     assert changed == {"layer4.1.bn2.bias", "layer4.1.bn2.running_mean", "layer4.1.bn2.running_var",
                        "layer4.1.bn2.num_batches_tracked"}

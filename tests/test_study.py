@@ -166,6 +166,14 @@ def test_rerun_skips_complete_runs_and_resumes_the_interrupted_one(folder, tmp_p
     code, out, err = cli_run("study", path, "--dry-run", "--output-dir", out_dir)
     assert code == 2 and "epochs=2" in err and "epochs=3" in err and started == []
 
+    # A default that changed since the run (here: the run recorded another lr than today's default) names the
+    # default and how to keep the run, rather than claiming the study file says so.
+    path.write_text(path.read_text().replace("epochs: 3", "epochs: 2"))
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps({**config, "lr": config["lr"] / 3}))
+    code, out, err = cli_run("study", path, "--dry-run", "--output-dir", out_dir)
+    assert code == 2 and "the default of lr is now" in err and f"set lr: {config['lr'] / 3!r}" in err, err
+
 
 def test_a_failed_run_stops_the_study_or_is_skipped_with_keep_going(folder, tmp_path, cli_run):
     path = study_file(tmp_path, folder, "  epochs: 1\ngrid:\n  strategy: [scratch, last-n:99, full]\n")
@@ -288,8 +296,9 @@ def test_shrunken_copy_of_shipped_study_runs_end_to_end(path, tmp_path, monkeypa
     for ref in study.references:
         assert f"| {ref.label} | {ref.value:.2f}" in md
     order = [r.name for r in study.runs]
+    selections = {s.name: s for s in study.selections}
     for sel in selection_results(runs):  # select on validation: the best best_val_acc, the file's first of equals
-        candidates = sorted((r for r in runs if r.in_study in study.selections[0].runs),
+        candidates = sorted((r for r in runs if r.in_study in selections[sel["name"]].runs),
                             key=lambda r: order.index(r.in_study))
         best = max(candidates, key=lambda r: r.summary["best_val_acc"])
         assert sel["group"].runs[0].in_study == best.in_study

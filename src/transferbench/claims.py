@@ -35,8 +35,9 @@ STALE_AFTER_S, HEARTBEAT_S = 120.0, 15.0
 STALE_ENV, HEARTBEAT_ENV = "TRANSFERBENCH_CLAIM_STALE_S", "TRANSFERBENCH_CLAIM_HEARTBEAT_S"
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    """The claim's JSON, or None when it is unreadable or not an object (judged by mtime alone then)."""
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by another process (a claim, a worker's status), or None when it is unreadable or
+    not an object (a claim is then judged by its mtime alone)."""
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -96,7 +97,7 @@ class Claim:
 
     def is_ours(self) -> bool:
         """Whether claim.json still carries our token (False if it is gone or was taken over)."""
-        info = _read(self.path)
+        info = read_json_object(self.path)
         return info is not None and info.get("token") == self.token
 
     def _beat(self) -> None:
@@ -273,7 +274,7 @@ def claim_state(run_dir: str | os.PathLike[str], stale_after_s: float = 120.0) -
         st = os.stat(claim)
     except FileNotFoundError:
         return None
-    state = _read(claim) or {}
+    state = read_json_object(claim) or {}
     age = time.time() - st.st_mtime
     state.update(heartbeat=st.st_mtime, age_s=age, stale=age > stale_after_s)
     return state

@@ -21,6 +21,10 @@ from .strategies import parse_strategy
 from .trackers import KINDS as TRACKERS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+# The default peak learning rate per optimizer: (a new head alone, or from scratch; pretrained layers), chosen by the
+# strategy's lr tier (strategies.Kind). AdamW's pair was chosen on validation by the sweep in
+# studies/cpu-cifar10-defaults-sweep.yaml (README "Defaults"); Adam's and SGD's are the usual ones, not measured here.
+DEFAULT_LR = {"adamw": (3e-3, 3e-4), "adam": (1e-3, 1e-4), "sgd": (0.1, 0.01)}
 AUGMENTS = ("none", "crop-flip", "rrc", "trivialaugment", "randaugment")
 HEAD_INITS = ("train", "logreg")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,7 +123,8 @@ class RunConfig:
     unfreeze_lr_scale: float = option(0.1, "two-phase: learning-rate scale once everything trains")
     epochs: int = option(10)
     batch_size: int = option(128, short=("-b",))
-    lr: float | None = option(None, "peak learning rate (default: by optimizer and strategy, recorded in config.json)")
+    lr: float | None = option(None, "peak learning rate (default with adamw: 3e-3 for linear-probe, two-phase and "
+                                    "scratch, 3e-4 for full and last-n; recorded in config.json)")
     optimizer: str = option("adamw", choices=OPTIMIZERS)
     weight_decay: float | None = option(None, "default 0.05 adamw, 5e-4 sgd, 0 adam; never on biases and norm "
                                               "parameters", short=("--wd",))
@@ -145,8 +150,9 @@ class RunConfig:
     head_init: str = option("train", "two-phase: the head before everything trains: train (--head-epochs of "
                                      "training) or logreg (the validated logistic-regression head: LP-FT)",
                             choices=HEAD_INITS)
-    bn_frozen: bool = option(False, "BatchNorm layers keep their pretrained running statistics while they train "
-                                    "(small data, small batches)")
+    bn_frozen: bool | None = option(None, "BatchNorm layers keep their pretrained running statistics while they "
+                                           "train (default: on wherever pretrained layers train; --no-bn-frozen "
+                                           "updates them from the batches)")
     val_fraction: float = option(0.1, "stratified validation split carved from train, used for model selection "
                                       "(datasets with an official validation split use that instead)")
     test_fraction: float = option(0.2, "data without a test split (a folder of class folders, a CSV without a split "
@@ -292,8 +298,9 @@ class RunConfig:
         if c.head_lr_scale is None:  # a new head trained beside pretrained layers learns at 10x (fastai, timm)
             c.head_lr_scale = 10.0 if strategy.lr_tier == "backbone" and strategy.trains else 1.0
         if c.lr is None:
-            head_tier = strategy.lr_tier == "head"
-            c.lr = {"sgd": 0.1 if head_tier else 0.01}.get(c.optimizer, 1e-3 if head_tier else 1e-4)
+            c.lr = DEFAULT_LR[c.optimizer][0 if strategy.lr_tier == "head" else 1]
+        if c.bn_frozen is None:  # measured: frozen statistics won for every such strategy (README)
+            c.bn_frozen = strategy.trains and not strategy.spec.head_only and bool(c.pretrained or c.weights)
         if c.weight_decay is None:
             c.weight_decay = {"sgd": 5e-4, "adam": 0.0}.get(c.optimizer, 0.05)
         if c.warmup_epochs is None:

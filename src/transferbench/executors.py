@@ -23,7 +23,6 @@ A SLURM job array (`study FILE --executor slurm --partition gpu --time 4:00:00 .
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -137,16 +136,8 @@ class WorkerHooks(Hooks):
         failed: set[str] = set()
         for path in self.session.glob("worker-*.json"):
             if path != self.path:
-                failed.update((_read_status(path) or {}).get("failed", {}))
+                failed.update((claims.read_json_object(path) or {}).get("failed", {}))
         return failed
-
-
-def _read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
 
 
 def worker_main(study: Study, session: str | Path, worker_id: int, *, keep_going: bool,
@@ -321,7 +312,7 @@ def _watch(study: Study, by_name: dict[str, PlannedRun], procs: list[subprocess.
     ran: list[str] = []
     while True:
         running = [p.poll() is None for p in procs]
-        statuses = [_read_status(session / f"worker-{k}.json") or {} for k in range(len(procs))]
+        statuses = [claims.read_json_object(session / f"worker-{k}.json") or {} for k in range(len(procs))]
         tags = [f"[study {name}] worker {k} ({labels[k]})" for k in range(len(procs))]
         for k, status in enumerate(statuses):  # runs trained: before any worker's "completed elsewhere"
             for run_name in status.get("done", []):

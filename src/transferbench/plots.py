@@ -255,11 +255,13 @@ AXES: dict[str, tuple[Callable[[Group], float | None], str, tuple[str, ...], tup
     "resolution": (_resolution, "input resolution (px)", ("dataset", "model", "strategy"), ("image_size",)),
     "shots": (lambda g: g.settings.get("shots"), "training images per class (shots)",
               ("dataset", "model", "strategy", "image_size"), ("shots",)),
+    "lr": (lambda g: g.settings.get("lr"), "peak learning rate", ("dataset", "model", "strategy", "image_size"),
+           ("lr",)),
 }
 TITLES = {"curves": "learning curves", "unfrozen": "accuracy vs unfrozen layers",
           "train-size": "accuracy vs training-set size", "resolution": "accuracy vs input resolution",
           "time": "accuracy vs training time", "time-to-accuracy": "validation accuracy vs training time, per epoch",
-          "shots": "few-shot accuracy vs shots (mean ± std over seeds)"}
+          "shots": "few-shot accuracy vs shots (mean ± std over seeds)", "lr": "accuracy vs learning rate"}
 def short_labels(groups: list[Group]) -> dict[int, str]:
     """Each group named by what sets it apart from the others shown with it."""
     keys = varying_keys(groups, declared=True) or ["model", "strategy"]
@@ -271,7 +273,7 @@ def _lines(groups: list[Group], kind: str) -> tuple[dict[str, list[tuple[float, 
     that leaves two groups at one x on a line, the variant, then every other difference, splits it."""
     x_of, _, identity, axis_keys = AXES[kind]
     points = [(x_of(g), g) for g in groups if x_of(g) is not None]
-    others = [k for k in varying_keys([g for _, g in points]) if k not in identity and k not in axis_keys]
+    others = [k for k in varying_keys([g for _, g in points]) if k not in (*identity, *axis_keys, "variant")]
     for keys in (list(identity), ["variant", *identity], ["variant", *identity, *others]):
         lines: dict[str, list[tuple[float, Group]]] = {}
         for x, g in points:
@@ -279,6 +281,11 @@ def _lines(groups: list[Group], kind: str) -> tuple[dict[str, list[tuple[float, 
         if all(len({x for x, _ in line}) == len(line) for line in lines.values()):
             break
     return {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()}, keys
+
+
+def _height(entries: int) -> float:
+    """A figure's height in inches, tall enough for a legend of this many entries beside it (a 66-run sweep)."""
+    return max(4.2, 0.8 + 0.14 * entries)
 
 
 def _legend(ax) -> None:
@@ -302,7 +309,7 @@ def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
         return None
     firsts = [line[0][1] for line in lines.values()]
     label_keys = [k for k in keys if len({_key(g.get(k)) for g in firsts}) > 1] or ["model"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, _height(len(lines) + 2)))
     for i, line in enumerate(lines.values()):
         color, xs = f"C{i % 10}", [x for x, _ in line]
         ax.errorbar(xs, [100 * g.mean("test_acc") for _, g in line],
@@ -312,7 +319,7 @@ def axis_plot(groups: list[Group], kind: str, title: str) -> Plot | None:
     ax.plot([], [], "ko-", label="test")
     ax.plot([], [], "kx--", alpha=0.5, label="best validation")
     xs = [x for line in lines.values() for x, _ in line]
-    if kind == "train-size" and max(xs) > 20 * min(xs):
+    if kind == "lr" or (kind == "train-size" and max(xs) > 20 * min(xs)):
         ax.set_xscale("log")
     return _one_axes_plot(fig, ax, kind, title, AXES[kind][1], "accuracy (%)")
 
@@ -323,7 +330,7 @@ def curves_plot(groups: list[Group], title: str) -> Plot | None:
     if not any(len([m for m in r.metrics if m.get("train_loss") is not None]) >= 2 for g in trained for r in g.runs):
         return None
     labels = short_labels(trained)
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, _height(len(trained))))
     for i, g in enumerate(trained):
         by_epoch: dict[int, list[dict]] = {}
         for r in g.runs:
@@ -356,7 +363,7 @@ def time_to_accuracy_plot(groups: list[Group], title: str) -> Plot | None:
     if len(trained) < 2 or len(budgets) < 2:
         return None
     labels = short_labels(trained)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, _height(len(trained) + 2)))
     for i, g in enumerate(trained):
         elapsed = [np.cumsum([m["epoch_time_s"] for m in r.metrics]) for r in g.runs]
         n = min(len(e) for e in elapsed)
@@ -375,7 +382,7 @@ def time_plot(groups: list[Group], title: str) -> Plot | None:
     if len(points) < 2:
         return None
     labels = short_labels([g for _, g in points])
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, _height(len(points))))
     for i, (t, g) in enumerate(points):
         ax.errorbar([t], [100 * g.mean("test_acc")], yerr=[100 * (g.std("test_acc") or 0)], color=f"C{i % 10}",
                     fmt="osD^v<>"[i // 10 % 7], capsize=3, label=labels[id(g)])

@@ -198,7 +198,8 @@ def build_sections(runs: list[Run], labels: dict[str, str] | None = None) -> lis
                     for t in section.transferability for label in [dataset_label(t["dataset"], study, labels)]]
         for plot in (plots.curves_plot(groups, title), plots.axis_plot(groups, "unfrozen", title),
                      plots.axis_plot(groups, "train-size", title), plots.axis_plot(groups, "shots", title),
-                     plots.axis_plot(groups, "resolution", title), plots.time_plot(groups, title),
+                     plots.axis_plot(groups, "resolution", title), plots.axis_plot(groups, "lr", title),
+                     plots.time_plot(groups, title),
                      plots.time_to_accuracy_plot(groups, title),
                      *run_figures(section), *scatters):
             if plot is not None:

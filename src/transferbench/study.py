@@ -617,11 +617,13 @@ def check_existing(study: Study) -> dict[str, str]:
             diffs = differences(saved, planned)
             if diffs:
                 k = diffs[0]
-                raise UserError(
-                    f"{run.dir} was {'run' if state == 'complete' else 'started'} with {k}={saved[k]!r}, but "
-                    f"{study.path} "
-                    f"now says {k}={planned[k]!r}; choose another --output-dir, or delete that run directory to redo "
-                    f"it")
+                was = f"{run.dir} was {'run' if state == 'complete' else 'started'} with {k}={saved[k]!r}, but"
+                if k in run.options:
+                    raise UserError(f"{was} {study.path} now says {k}={planned[k]!r}; choose another --output-dir, "
+                                    f"or delete that run directory to redo it")
+                raise UserError(f"{was} the default of {k} is now {planned[k]!r} ({study.path} does not set it); to "
+                                f"keep that run, set {k}: {saved[k]!r} in the study file, or delete the run directory "
+                                f"to redo it with the new default")
         states[run.name] = state
     return states
 
