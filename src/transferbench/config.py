@@ -300,7 +300,7 @@ class RunConfig:
         if c.lr is None:
             c.lr = DEFAULT_LR[c.optimizer][0 if strategy.lr_tier == "head" else 1]
         if c.bn_frozen is None:  # measured: frozen statistics won for every such strategy (README)
-            c.bn_frozen = strategy.trains and not strategy.spec.head_only and bool(c.pretrained or c.weights)
+            c.bn_frozen = strategy.trains_backbone and bool(c.pretrained or c.weights)
         if c.weight_decay is None:
             c.weight_decay = {"sgd": 5e-4, "adam": 0.0}.get(c.optimizer, 0.05)
         if c.warmup_epochs is None:

@@ -64,6 +64,11 @@ class Strategy:
         return self.spec.fit != "sgd"
 
     @property
+    def trains_backbone(self) -> bool:
+        """Layers other than the new head train at some point (full, last-n, two-phase, scratch)."""
+        return self.trains and not self.spec.head_only
+
+    @property
     def can_cache_features(self) -> bool:
         return self.spec.head_only and self.spec.trains
 
